@@ -1,0 +1,1 @@
+"""AutoJudge engine."""

@@ -1,0 +1,192 @@
+"""Frozen engine configuration: model shape, KV cache, scheduler and speculation settings.
+
+`ModelConfig.from_hf` turns a Hugging Face `config.json` dict into our model shape and refuses architectures the
+decoder does not implement. Everything else is plain validated values composed into `EngineConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not a model our decoder can run."""
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama 3.x frequency scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Shape of a Llama-style decoder (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.architecture!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise UnsupportedModelError(f"{name} must be positive")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes for one position across all layers, in fp32."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Map a transformers `config.json` dict; refuse what our decoder cannot reproduce."""
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {arch!r} (model_type={cfg.get('model_type')!r}); "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        rope = _rope_from_hf(cfg)
+        theta = cfg.get("rope_theta")
+        if theta is None:  # transformers 5 nests it in rope_parameters
+            theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        heads = int(cfg["num_attention_heads"])
+        max_pos = int(cfg.get("max_position_embeddings", 2048))
+        window = cfg.get("sliding_window")
+        if window and (arch == "MistralForCausalLM" or cfg.get("use_sliding_window")):
+            # NOTE: we attend over the full cache, so a context past the window would differ from the
+            # reference model; cap the context instead of silently diverging.
+            max_pos = min(max_pos, int(window))
+        qwen = arch == "Qwen2ForCausalLM"
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+            max_position_embeddings=max_pos,
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qwen or attention_bias,
+            o_bias=attention_bias and not qwen,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    return {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }.get(model_type or "", str(model_type))
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RopeScaling | None:
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise UnsupportedModelError(f"unsupported rope scaling {kind!r}; supported: llama3")
+    return RopeScaling(
+        factor=float(rs["factor"]),
+        low_freq_factor=float(rs["low_freq_factor"]),
+        high_freq_factor=float(rs["high_freq_factor"]),
+        original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Slot KV cache: `max_slots` rows of `max_model_len` positions (plus speculation headroom)."""
+
+    max_slots: int = 8
+    max_model_len: int = 2048
+    memory_fraction: float = 0.9  # of free memory the caches may take at start-up
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1:
+            raise ValueError("max_slots must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError("memory_fraction must be in (0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class SpecConfig:
+    """Speculation limits and policy shared by every request."""
+
+    max_speculative_tokens: int = 8
+    default_speculative_tokens: int = 4
+    bonus_token: bool = True
+    draft_hidden: bool = False  # DD-DT judge layout: one extra draft forward per cycle
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_speculative_tokens <= 64:
+            raise ValueError("max_speculative_tokens must be in 1..64")
+        if not 0 <= self.default_speculative_tokens <= self.max_speculative_tokens:
+            raise ValueError("default_speculative_tokens must be in 0..max_speculative_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Admission limits."""
+
+    max_waiting: int = 256
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled together in one step
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 0 or self.max_prefill_tokens < 1:
+            raise ValueError("max_waiting must be >= 0 and max_prefill_tokens >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Composition of the sub-configs; components receive only the part they need."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def cache_len(self) -> int:
+        """Positions per slot: a verify window past the longest context must still fit."""
+        return self.cache.max_model_len + self.spec.max_speculative_tokens + 1
+

@@ -1,0 +1,152 @@
+"""Decoder: one Llama-style causal LM (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM2) that runs on our slot KV cache.
+
+Parameter names equal transformers' so a Hugging Face state dict loads as is. Input: `ForwardBatch`; output:
+post-final-norm hidden states `[B, Q, D]`, and `compute_logits` for the rows that need them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.kv_cache import SlotKVCache
+from engine.model.attention import attend
+from engine.model.protocol import ForwardBatch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementation, then cast back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:  # [hd/2] fp32
+    """Rotary inverse frequencies, with Llama 3 wavelength-dependent scaling when configured."""
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, Q, D]
+        cos: torch.Tensor,  # [B, Q, 1, hd]
+        sin: torch.Tensor,  # [B, Q, 1, hd]
+        layer: int,
+        batch: ForwardBatch,
+        cache: SlotKVCache | None,
+    ) -> torch.Tensor:  # [B, Q, D]
+        b, q_len, _ = x.shape
+        q = self.q_proj(x).view(b, q_len, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, q_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, q_len, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = attend(q, k, v, layer, batch, cache)
+        return self.o_proj(out.reshape(b, q_len, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """The engine's model: `forward(batch, cache) -> hidden [B, Q, D]`, `compute_logits(hidden) -> [.., V]`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with `lm_head` for tied checkpoints (call again after `load_state_dict(assign=True)`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self) -> None:
+        """Recompute the rotary buffer (it is not in checkpoints; models built on `meta` need it)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.model.norm.weight.device)
+
+    def forward(self, batch: ForwardBatch, cache: SlotKVCache | None = None) -> torch.Tensor:
+        x = self.model.embed_tokens(batch.input_ids)  # [B, Q, D]
+        freqs = batch.positions.float()[..., None] * self.inv_freq  # [B, Q, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, Q, 1, hd]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, batch, cache)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def new_cache(self, max_slots: int, max_len: int) -> SlotKVCache:
+        """A slot cache shaped for this model, in its parameter dtype and device."""
+        c, w = self.config, self.model.norm.weight
+        return SlotKVCache(c.num_layers, max_slots, max_len, c.num_kv_heads, c.head_dim, w.dtype, w.device)

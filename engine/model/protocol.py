@@ -1,0 +1,57 @@
+"""The `LanguageModel` protocol the engine runs, and `ForwardBatch`, the one input every forward takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_cache import SlotKVCache
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    """Ragged rows, right-padded to the longest: row b feeds `q_lens[b]` tokens after `cache_lens[b]` cached ones."""
+
+    input_ids: torch.Tensor  # [B, Q] int64
+    positions: torch.Tensor  # [B, Q] int64 (cache_lens[b] + j)
+    slot_ids: torch.Tensor  # [B] int64, KV cache row of each batch row
+    cache_lens: torch.Tensor  # [B] int32, valid cached positions before this forward
+    q_lens: torch.Tensor  # [B] int32, real (unpadded) tokens in this forward
+    max_kv_len: int  # max(cache_lens + q_lens), known on the host so no device sync is needed
+
+    @staticmethod
+    def build(
+        rows: list[list[int]], cache_lens: list[int], slot_ids: list[int], device: torch.device
+    ) -> ForwardBatch:
+        """Right-pad `rows` (token ids fed per row) into device tensors."""
+        q = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), q, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        lens = torch.tensor(cache_lens, dtype=torch.long)
+        positions = lens[:, None] + torch.arange(q)[None, :]
+        return ForwardBatch(
+            input_ids=ids.to(device),
+            positions=positions.to(device),
+            slot_ids=torch.tensor(slot_ids, dtype=torch.long, device=device),
+            cache_lens=lens.to(device=device, dtype=torch.int32),
+            q_lens=torch.tensor([len(r) for r in rows], dtype=torch.int32, device=device),
+            max_kv_len=max(c + len(r) for c, r in zip(cache_lens, rows, strict=True)),
+        )
+
+
+class LanguageModel(Protocol):
+    """What the engine needs of a model: hidden states for fed tokens, and logits for chosen hidden rows."""
+
+    config: ModelConfig
+
+    def forward(self, batch: ForwardBatch, cache: SlotKVCache | None) -> torch.Tensor:
+        """Last-layer post-norm hidden states `[B, Q, D]`; writes K/V into `cache` when given."""
+        ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[..., D]` -> fp32 logits `[..., V]`."""
+        ...
