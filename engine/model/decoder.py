@@ -150,3 +150,8 @@ class Decoder(nn.Module):
         """A slot cache shaped for this model, in its parameter dtype and device."""
         c, w = self.config, self.model.norm.weight
         return SlotKVCache(c.num_layers, max_slots, max_len, c.num_kv_heads, c.head_dim, w.dtype, w.device)
+
+    def cache_nbytes(self, max_slots: int, max_len: int) -> int:
+        c = self.config
+        dtype = self.model.norm.weight.dtype
+        return SlotKVCache.nbytes_for(c.num_layers, max_slots, max_len, c.num_kv_heads, c.head_dim, dtype)

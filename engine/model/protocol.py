@@ -55,3 +55,11 @@ class LanguageModel(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[..., D]` -> fp32 logits `[..., V]`."""
         ...
+
+    def new_cache(self, max_slots: int, max_len: int) -> SlotKVCache:
+        """A KV cache shaped, typed and placed for this model."""
+        ...
+
+    def cache_nbytes(self, max_slots: int, max_len: int) -> int:
+        """Bytes `new_cache` would allocate."""
+        ...

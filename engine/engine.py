@@ -1,0 +1,322 @@
+"""Engine: continuous batching over a slot KV cache; each `step()` admits, prefills, drafts, verifies, judges
+and commits one speculation cycle for every running request, and returns `RequestOutput`s."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from engine.config import EngineConfig
+from engine.model.protocol import LanguageModel
+from engine.runner import ModelRunner
+from engine.sampling import probs_for_params, residual_distribution, sample
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.spec.acceptance import autojudge_accept, greedy_match, ratio_test, window_mask
+from engine.spec.drafter import DraftProposal, Drafter
+from engine.spec.judging import JudgeInput, MismatchJudge, RejectAllJudge
+from engine.spec.verifier import TargetScores, Verifier
+from engine.stopping import Detokenize
+from engine.types import Request, RequestOutput, RowCycleStats, SpecCounts, StepStats
+from judge.decide import judge_accepts
+
+
+class Engine:
+    """Runs a target model and an optional draft model together; `draft=None` serves plain decoding only."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        target: LanguageModel,
+        draft: LanguageModel | None = None,
+        *,
+        judge: MismatchJudge | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+        detokenize: Detokenize | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        check_models(config, target, draft)
+        check_memory(config, target, draft, self.device)
+        slots, cache_len = config.cache.max_slots, config.cache_len
+        self.target = ModelRunner(target, target.new_cache(slots, cache_len), self.device)
+        self.draft = ModelRunner(draft, draft.new_cache(slots, cache_len), self.device) if draft else None
+        self.verifier = Verifier(self.target)
+        self.drafter = Drafter(self.draft) if self.draft else None
+        self.judge = judge or RejectAllJudge()
+        self.scheduler = Scheduler(
+            slots,
+            config.scheduler.max_waiting,
+            config.scheduler.max_prefill_tokens,
+            frozenset(eos_token_ids),
+            detokenize,
+        )
+        self.on_step = on_step
+        self.clock = clock
+        self.vocab_size = target.config.vocab_size
+
+    # --- requests -------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raises ValueError on a request that can never run, QueueFullError when full."""
+        if self.scheduler.find(request.request_id) is not None:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if max(request.prompt_token_ids) >= self.vocab_size or min(request.prompt_token_ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(request.prompt_token_ids) + request.sampling.max_tokens
+        if total > self.config.cache.max_model_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt_token_ids)} tokens) + max_tokens "
+                f"({request.sampling.max_tokens}) = {total} exceeds the context limit "
+                f"max_model_len={self.config.cache.max_model_len}"
+            )
+        width = request.spec.num_speculative_tokens
+        if width is None:
+            width = self.config.spec.default_speculative_tokens
+        if width > self.config.spec.max_speculative_tokens:
+            raise ValueError(
+                f"num_speculative_tokens={width} exceeds the server limit "
+                f"{self.config.spec.max_speculative_tokens}"
+            )
+        if not request.spec.enabled or self.drafter is None:
+            width = 0
+        self.scheduler.add(Sequence(request, width, self.device))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request at once and free its slot; returns its final output, or None if unknown."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._final(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.scheduler.free_slots)
+
+    # --- the cycle ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = self.clock()
+        batch = self.scheduler.schedule()
+        num_prefill = self._prefill(batch.prefill)
+        seqs = batch.running
+        t1 = self.clock()
+        if not seqs:
+            return []
+        widths = [min(s.num_speculative, s.remaining_tokens - 1) for s in seqs]
+        want_hidden = self.judge.uses_draft_hidden
+        if self.drafter is not None and any(widths):
+            proposal = self.drafter.propose(seqs, widths, want_hidden)
+        else:
+            proposal = DraftProposal([[] for _ in seqs], None, None, [s.draft_len for s in seqs])
+        t2 = self.clock()
+        scores = self.verifier.verify(seqs, proposal.token_ids)
+        t3 = self.clock()
+        exact_ok, judge_ok = self._decide(seqs, widths, proposal, scores)
+        t4 = self.clock()
+        width_t = torch.tensor(widths, device=self.device)
+        n, judged_in = autojudge_accept(exact_ok, judge_ok, width_t)
+        outputs, rows = self._commit(seqs, widths, proposal, scores, n.tolist(), judged_in, exact_ok)
+        t5 = self.clock()
+        if self.on_step is not None:
+            self.on_step(
+                StepStats(
+                    num_running=len(self.scheduler.running),
+                    num_waiting=len(self.scheduler.waiting),
+                    num_prefill_tokens=num_prefill,
+                    num_generated_tokens=sum(len(o.new_token_ids) for o in outputs),
+                    kv_usage=self._kv_usage(),
+                    seconds_prefill=t1 - t0,
+                    seconds_draft=t2 - t1,
+                    seconds_verify=t3 - t2 + t5 - t4,
+                    seconds_judge=t4 - t3,
+                    seconds_step=t5 - t0,
+                    rows=tuple(rows),
+                    finished=tuple(o for o in outputs if o.finished),
+                )
+            )
+        return outputs
+
+    def _prefill(self, seqs: list[Sequence]) -> int:
+        """Put `prompt[:-1]` into the target cache (and the draft cache for speculating rows)."""
+        rows = [s for s in seqs if s.num_prompt_tokens > 1]
+        if rows:
+            self.target.forward([s.token_ids[:-1] for s in rows], [0] * len(rows), [s.slot for s in rows])
+        drafting = [s for s in rows if s.num_speculative > 0]
+        if drafting and self.draft is not None:
+            self.draft.forward(
+                [s.token_ids[:-1] for s in drafting], [0] * len(drafting), [s.slot for s in drafting]
+            )
+        for s in seqs:
+            s.target_len = s.num_prompt_tokens - 1
+            s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
+        return sum(s.num_prompt_tokens for s in seqs)
+
+    def _decide(
+        self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # exact_ok [B, W], judge_ok [B, W]
+        """Exact rule per row (match, or ratio test when sampling), then the judge on the mismatches."""
+        width = max(widths)
+        draft_ids = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)
+        for b, d in enumerate(proposal.token_ids):
+            draft_ids[b, : len(d)] = torch.tensor(d, dtype=torch.long)
+        exact_ok = greedy_match(draft_ids, scores.argmax)
+        for b, s in enumerate(seqs):
+            if widths[b] and not s.request.sampling.greedy:
+                assert proposal.probs is not None
+                q = probs_for_params(scores.logits[b, : widths[b]], [s.request.sampling] * widths[b])
+                u = torch.rand(widths[b], generator=s.generator, device=self.device)
+                exact_ok[b, : widths[b]] = ratio_test(
+                    draft_ids[b : b + 1, : widths[b]], proposal.probs[b : b + 1, : widths[b]], q[None], u[None]
+                )[0]
+        mismatch = ~exact_ok & window_mask(torch.tensor(widths, device=self.device), width)
+        tau = torch.tensor([s.request.spec.judge_threshold for s in seqs], device=self.device)
+        judge_ok = torch.zeros_like(exact_ok)
+        if width and bool((tau > 0).any()) and bool(mismatch.any()):
+            positions = torch.tensor([len(s.token_ids) for s in seqs], device=self.device)[:, None]
+            z = self.judge.score(
+                JudgeInput(
+                    request_ids=tuple(s.request_id for s in seqs),
+                    profiles=tuple(s.request.spec.profile for s in seqs),
+                    positions=positions + torch.arange(width, device=self.device)[None, :],
+                    draft_token_ids=draft_ids,
+                    target_token_ids=scores.argmax[:, :width],
+                    mismatch=mismatch,
+                    target_hidden=scores.hidden[:, 1 : width + 1],
+                    draft_hidden=proposal.hidden,
+                )
+            )
+            judge_ok = mismatch & judge_accepts(z, tau)
+        return exact_ok, judge_ok
+
+    def _commit(
+        self,
+        seqs: list[Sequence],
+        widths: list[int],
+        proposal: DraftProposal,
+        scores: TargetScores,
+        num_accepted: list[int],
+        judged_in: torch.Tensor,  # [B, W] bool, judge-accepted slots inside the accepted prefix
+        exact_ok: torch.Tensor,  # [B, W] bool
+    ) -> tuple[list[RequestOutput], list[RowCycleStats]]:
+        tau_on = [s.request.spec.judge_threshold > 0 for s in seqs]
+        judge_counts = judged_in.sum(dim=1).tolist()
+        mismatch_seen = (~exact_ok).cumsum(dim=1).tolist() if exact_ok.shape[1] else None
+        outputs, rows = [], []
+        for b, seq in enumerate(seqs):
+            n, w = num_accepted[b], widths[b]
+            new_ids = proposal.token_ids[b][:n]
+            extra = self._extra_token(seq, b, n, w, proposal, scores)
+            if extra is not None:
+                new_ids = [*new_ids, extra]
+            kept = self.scheduler.commit(seq, new_ids, n, proposal.fed_end[b])
+            if w:
+                judged = mismatch_seen[b][min(n, w - 1)] if (tau_on[b] and mismatch_seen) else 0
+                cycle = SpecCounts(
+                    num_spec_steps=1,
+                    num_draft_tokens=w,
+                    num_accepted_tokens=n,
+                    num_judge_accepted=judge_counts[b],
+                    num_judged=judged,
+                    num_bonus=int(extra is not None and n == w),
+                    num_recovered=int(n < w),
+                    accepted_per_pos=tuple(
+                        int(i < n) for i in range(self.config.spec.max_speculative_tokens)
+                    ),
+                )
+                seq.counts = seq.counts.merge(cycle)
+                rows.append(RowCycleStats(seq.request_id, seq.request.spec.profile, cycle, len(kept)))
+            outputs.append(self._final(seq, kept) if seq.finish_reason else self._partial(seq, kept))
+        return outputs, rows
+
+    def _extra_token(
+        self, seq: Sequence, b: int, n: int, w: int, proposal: DraftProposal, scores: TargetScores
+    ) -> int | None:
+        """The recovered token at the first rejected slot, or the bonus after a full window (None if off)."""
+        if n == w and w > 0 and not self.config.spec.bonus_token:
+            return None
+        params = seq.request.sampling
+        if params.greedy:
+            return int(scores.argmax[b, n])
+        q = probs_for_params(scores.logits[b, n : n + 1], [params])[0]  # [V]
+        if n < w:
+            assert proposal.probs is not None
+            q = residual_distribution(q, proposal.probs[b, n])
+        return sample(q, seq.generator)
+
+    # --- outputs --------------------------------------------------------------------------------------
+    def _partial(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            new_ids,
+            False,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
+
+    def _final(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            new_ids,
+            True,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            spec=seq.counts if seq.num_speculative else None,
+        )
+
+    def _kv_usage(self) -> float:
+        used = sum(len(s.token_ids) for s in self.scheduler.running)
+        return used / (self.config.cache.max_slots * self.config.cache_len)
+
+
+def check_models(config: EngineConfig, target: LanguageModel, draft: LanguageModel | None) -> None:
+    """Refuse a context the models cannot hold and a draft whose vocabulary differs from the target's."""
+    for role, model in (("target", target), ("draft", draft)):
+        if model is not None and config.cache.max_model_len > model.config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={config.cache.max_model_len} is longer than the {role} model allows "
+                f"({model.config.max_position_embeddings} positions)"
+            )
+    if draft is not None and draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"draft vocab size {draft.config.vocab_size} != target vocab size {target.config.vocab_size}"
+        )
+
+
+def check_memory(
+    config: EngineConfig, target: LanguageModel, draft: LanguageModel | None, device: torch.device
+) -> None:
+    """Refuse at start-up a KV cache that would not fit in the free memory of the device."""
+    need = sum(
+        m.cache_nbytes(config.cache.max_slots, config.cache_len) for m in (target, draft) if m is not None
+    )
+    free = available_memory(device)
+    if free is not None and need > config.cache.memory_fraction * free:
+        raise MemoryError(
+            f"KV cache needs {need / 2**30:.2f} GiB for {config.cache.max_slots} slots x "
+            f"{config.cache_len} positions, but only {free / 2**30:.2f} GiB is free "
+            f"(memory_fraction={config.cache.memory_fraction}); lower max_slots or max_model_len"
+        )
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on the device (MemAvailable on Linux CPUs); None when it cannot be known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

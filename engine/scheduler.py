@@ -1,0 +1,98 @@
+"""Scheduler: FIFO admission into free KV slots, commit of emitted tokens (stops, cache lengths), release."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.sequence import Sequence, Status
+from engine.stopping import Detokenize, check_stop
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_waiting`; the caller should retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledBatch:
+    prefill: list[Sequence]  # admitted this step; their prompts go into the caches first
+    running: list[Sequence]  # every running sequence, including the admitted ones
+
+
+class Scheduler:
+    def __init__(
+        self,
+        max_slots: int,
+        max_waiting: int,
+        max_prefill_tokens: int,
+        eos_token_ids: frozenset[int],
+        detokenize: Detokenize | None,
+    ) -> None:
+        self.free_slots = list(range(max_slots - 1, -1, -1))
+        self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.eos_token_ids = eos_token_ids
+        self.detokenize = detokenize
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        """Admit waiting sequences in FIFO order while slots and the prefill token budget last."""
+        admitted: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            if admitted and seq.num_prompt_tokens > budget:
+                break  # the first one always goes, however long, so nothing starves
+            self.waiting.popleft()
+            budget -= seq.num_prompt_tokens
+            seq.slot = self.free_slots.pop()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        return ScheduledBatch(prefill=admitted, running=list(self.running))
+
+    def commit(self, seq: Sequence, new_ids: list[int], num_accepted: int, draft_fed: int) -> list[int]:
+        """Append emitted tokens, cut at the first stop, set cache lengths; returns the kept tokens.
+
+        Cache rule (design §5): with committed length L before the cycle, n accepted drafts and L' after,
+        the target is valid for `min(L+n, L'-1)` positions and the draft for `min(draft_fed, L+n, L'-1)`.
+        """
+        length = len(seq.token_ids)
+        seq.token_ids.extend(new_ids)
+        params = seq.request.sampling
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        decision = check_stop(
+            seq.output_token_ids, len(new_ids), params.max_tokens, stop_ids, params.stop, self.detokenize
+        )
+        del seq.token_ids[length + decision.num_keep :]
+        new_len = len(seq.token_ids)
+        seq.target_len = min(length + num_accepted, new_len - 1)
+        seq.draft_len = min(draft_fed, length + num_accepted, new_len - 1)
+        if decision.finish_reason is not None:
+            self.finish(seq, decision.finish_reason, decision.stop_reason)
+        return new_ids[: decision.num_keep]
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Mark finished and free the slot at once (waiting or running)."""
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.slot = -1
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None

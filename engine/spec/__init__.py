@@ -1,0 +1,1 @@
+"""Speculation: drafting, verification, the judge hook and the pure acceptance rules."""

@@ -1,0 +1,80 @@
+"""Drafter: W_b draft steps per row on the draft model (ragged widths, catch-up first) -> DraftProposal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runner import ModelRunner, last_rows
+from engine.sampling import probs_for_params, sample
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class DraftProposal:
+    """Row b drafted `len(token_ids[b])` tokens; rows with width 0 drafted nothing."""
+
+    token_ids: list[list[int]]
+    probs: torch.Tensor | None  # [B, W, V] draft distributions of sampled rows (zeros elsewhere)
+    hidden: torch.Tensor | None  # [B, W, Dd] draft state after reading d_{i+1} (DD layout only)
+    fed_end: list[int]  # draft cache length written by the drafting forwards
+
+
+class Drafter:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def propose(self, seqs: list[Sequence], widths: list[int], want_hidden: bool) -> DraftProposal:
+        """Step 0 feeds each row's catch-up tokens `token_ids[draft_len:]`; step k >= 1 feeds d_k.
+
+        NOTE: with `want_hidden`, a row of width w also feeds d_w at step w: its state is the DD feature of the
+        last slot (method §5, one extra draft forward per cycle), and it advances the draft cache.
+        """
+        num_rows, width = len(seqs), max(widths, default=0)
+        drafted: list[list[int]] = [[] for _ in seqs]
+        fed = [s.draft_len for s in seqs]
+        dev = self.runner.device
+        sampled = any(w > 0 and not s.request.sampling.greedy for s, w in zip(seqs, widths, strict=True))
+        vocab = self.runner.model.config.vocab_size
+        probs = torch.zeros(num_rows, width, vocab, device=dev) if sampled else None
+        hidden_size = self.runner.model.config.hidden_size
+        hidden = torch.zeros(num_rows, width, hidden_size, device=dev) if want_hidden else None
+        for step in range(width + int(want_hidden)):
+            rows = [b for b in range(num_rows) if step < widths[b] + int(want_hidden) and widths[b] > 0]
+            if not rows:
+                break
+            feeds = [seqs[b].token_ids[fed[b] :] if step == 0 else [drafted[b][-1]] for b in rows]
+            out = self.runner.forward(feeds, [fed[b] for b in rows], [seqs[b].slot for b in rows])
+            h_last = last_rows(out, [len(f) for f in feeds])  # [A, Dd]
+            for b, f in zip(rows, feeds, strict=True):
+                fed[b] += len(f)
+            if hidden is not None and step >= 1:
+                hidden[rows, step - 1] = h_last
+            producing = [a for a, b in enumerate(rows) if step < widths[b]]
+            if producing:
+                self._choose(seqs, rows, producing, h_last, step, drafted, probs)
+        return DraftProposal(token_ids=drafted, probs=probs, hidden=hidden, fed_end=fed)
+
+    def _choose(
+        self,
+        seqs: list[Sequence],
+        rows: list[int],
+        producing: list[int],
+        h_last: torch.Tensor,  # [A, Dd]
+        step: int,
+        drafted: list[list[int]],
+        probs: torch.Tensor | None,  # [B, W, V]
+    ) -> None:
+        """Pick d_{step+1} for the producing rows: argmax, or a draw from the transformed distribution."""
+        logits = self.runner.logits(h_last[producing])  # [P, V]
+        greedy_ids = logits.argmax(-1).tolist()
+        for p, a in enumerate(producing):
+            seq = seqs[rows[a]]
+            if seq.request.sampling.greedy:
+                drafted[rows[a]].append(greedy_ids[p])
+                continue
+            assert probs is not None
+            dist = probs_for_params(logits[p : p + 1], [seq.request.sampling])[0]  # [V]
+            probs[rows[a], step] = dist
+            drafted[rows[a]].append(sample(dist, seq.generator))

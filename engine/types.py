@@ -1,0 +1,150 @@
+"""Boundary types of the engine: request parameters in, outputs and per-cycle statistics out (frozen values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. `temperature == 0` is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 keeps the whole vocabulary
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings; matched on detokenized output
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError("temperature must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SpecParams:
+    """Per-request speculation: on/off, window W (None = engine default), judge profile and threshold τ."""
+
+    enabled: bool = True
+    num_speculative_tokens: int | None = None
+    profile: str = "lossless"
+    judge_threshold: float = 0.0  # τ: accept a mismatch when p_important < τ; 0 = lossless
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens is not None and not 0 <= self.num_speculative_tokens <= 64:
+            raise ValueError("num_speculative_tokens must be in 0..64")
+        if not 0.0 <= self.judge_threshold <= 1.0:
+            raise ValueError("judge_threshold must be in [0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    spec: SpecParams = field(default_factory=SpecParams)
+    arrival_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+
+
+@dataclass(frozen=True, slots=True)
+class SpecCounts:
+    """Speculation counters of one request (or one profile); the one source for response stats and metrics.
+
+    `num_accepted_tokens` counts accepted drafts (exact + judge); the recovered or bonus token is extra.
+    """
+
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_judge_accepted: int = 0
+    num_judged: int = 0
+    num_bonus: int = 0
+    num_recovered: int = 0
+    accepted_per_pos: tuple[int, ...] = ()
+
+    def merge(self, other: SpecCounts) -> SpecCounts:
+        width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        a = self.accepted_per_pos + (0,) * (width - len(self.accepted_per_pos))
+        b = other.accepted_per_pos + (0,) * (width - len(other.accepted_per_pos))
+        return SpecCounts(
+            num_spec_steps=self.num_spec_steps + other.num_spec_steps,
+            num_draft_tokens=self.num_draft_tokens + other.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens + other.num_accepted_tokens,
+            num_judge_accepted=self.num_judge_accepted + other.num_judge_accepted,
+            num_judged=self.num_judged + other.num_judged,
+            num_bonus=self.num_bonus + other.num_bonus,
+            num_recovered=self.num_recovered + other.num_recovered,
+            accepted_per_pos=tuple(x + y for x, y in zip(a, b, strict=True)),
+        )
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per speculation cycle (accepted drafts + recovered/bonus)."""
+        if not self.num_spec_steps:
+            return 0.0
+        emitted = self.num_accepted_tokens + self.num_bonus + self.num_recovered
+        return emitted / self.num_spec_steps
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """New tokens of one request from one step; `spec` and `finish_reason` are set on the final output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    spec: SpecCounts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowCycleStats:
+    """One row's speculation cycle."""
+
+    request_id: str
+    profile: str
+    counts: SpecCounts  # this cycle only: num_spec_steps == 1
+    num_emitted: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """One engine step, for metrics: load, timings and each speculating row's cycle."""
+
+    num_running: int
+    num_waiting: int
+    num_prefill_tokens: int
+    num_generated_tokens: int
+    kv_usage: float  # Σ committed lengths / (slots · positions per slot)
+    seconds_prefill: float
+    seconds_draft: float
+    seconds_verify: float
+    seconds_judge: float
+    seconds_step: float
+    rows: tuple[RowCycleStats, ...]
+    finished: tuple[RequestOutput, ...]
