@@ -110,7 +110,9 @@ class Engine:
         t1 = self.clock()
         if not seqs:
             return []
-        widths = [min(s.num_speculative, s.remaining_tokens - 1) for s in seqs]
+        # A cycle emits at most W (+1 bonus) tokens: never draft past max_tokens.
+        bonus = int(self.config.spec.bonus_token)
+        widths = [min(s.num_speculative, s.remaining_tokens - bonus) for s in seqs]
         want_hidden = self.judge.uses_draft_hidden
         if self.drafter is not None and any(widths):
             proposal = self.drafter.propose(seqs, widths, want_hidden)

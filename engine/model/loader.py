@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import ModelConfig, UnsupportedModelError
@@ -71,7 +74,7 @@ def load_decoder(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -
     """config.json + safetensors weights -> our Decoder in eval mode on `device`."""
     config = read_model_config(model_dir)
     state_dict = _read_weights(model_dir, dtype)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_param_init():
         model = Decoder(config)
     try:
         result = model.load_state_dict(state_dict, assign=True, strict=False)
@@ -81,6 +84,24 @@ def load_decoder(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -
     model.tie_weights()
     model.reset_rope()  # the rotary buffer is still on meta; it is rebuilt in fp32 and `.to` keeps that dtype
     return model.to(device).eval()
+
+
+@contextmanager
+def _skip_param_init() -> Iterator[None]:
+    """Build modules without their random init: every weight comes from the checkpoint, and the first `normal_`
+    on a meta tensor imports torch._dynamo, which took 2 of the 3 s of a cached SmolLM2 load."""
+    originals = {cls: cls.reset_parameters for cls in (nn.Embedding, nn.Linear)}
+    try:
+        for cls in originals:
+            setattr(cls, "reset_parameters", _no_init)
+        yield
+    finally:
+        for cls, reset in originals.items():
+            setattr(cls, "reset_parameters", reset)
+
+
+def _no_init(module: nn.Module) -> None:
+    pass
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:
