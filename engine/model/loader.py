@@ -1,7 +1,7 @@
-"""Checkpoint loading: a Hugging Face safetensors directory or a `.gguf` file -> `LoadedModel` (Decoder + tokenizer).
+"""Checkpoint loading: an HF safetensors directory or a `.gguf` file -> `LoadedModel` (Decoder and tokenizer).
 
-A GGUF file is converted once into a sha256-verified safetensors cache; `check_pair` refuses a draft/target pair
-whose tokenizers or vocabularies disagree.
+A GGUF file is converted once into a sha256-verified safetensors cache. `check_pair` refuses a draft/target
+pair whose tokenizers or vocabularies disagree.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ from typing import Any
 import safetensors.torch
 import torch
 import transformers
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.config import ModelConfig, UnsupportedModelError
@@ -52,7 +49,11 @@ class LoadedModel:
 
 
 def load_model(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cache_dir: Path
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: Path,
 ) -> LoadedModel:
     """Load a Hugging Face safetensors directory, or a `.gguf` file through its safetensors cache."""
     path = Path(path)
@@ -62,7 +63,9 @@ def load_model(
     model_dir = path
     if path.is_file():
         if path.suffix != ".gguf":
-            raise CheckpointError(f"{path} is a file but not a .gguf; expected a .gguf or a Hugging Face directory")
+            raise CheckpointError(
+                f"{path} is a file but not a .gguf; expected a .gguf or a Hugging Face directory"
+            )
         source_sha256 = source_sha256_of(path, cache_dir)
         model_dir = gguf_cache(path, source_sha256, cache_dir)
     model = load_decoder(model_dir, dtype=dtype, device=torch.device(device))
@@ -74,7 +77,7 @@ def load_decoder(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -
     """config.json + safetensors weights -> our Decoder in eval mode on `device`."""
     config = read_model_config(model_dir)
     state_dict = _read_weights(model_dir, dtype)
-    with torch.device("meta"), _skip_param_init():
+    with torch.device("meta"):
         model = Decoder(config)
     try:
         result = model.load_state_dict(state_dict, assign=True, strict=False)
@@ -84,24 +87,6 @@ def load_decoder(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -
     model.tie_weights()
     model.reset_rope()  # the rotary buffer is still on meta; it is rebuilt in fp32 and `.to` keeps that dtype
     return model.to(device).eval()
-
-
-@contextmanager
-def _skip_param_init() -> Iterator[None]:
-    """Build modules without their random init: every weight comes from the checkpoint, and the first `normal_`
-    on a meta tensor imports torch._dynamo, which took 2 of the 3 s of a cached SmolLM2 load."""
-    originals = {cls: cls.reset_parameters for cls in (nn.Embedding, nn.Linear)}
-    try:
-        for cls in originals:
-            setattr(cls, "reset_parameters", _no_init)
-        yield
-    finally:
-        for cls, reset in originals.items():
-            setattr(cls, "reset_parameters", reset)
-
-
-def _no_init(module: nn.Module) -> None:
-    pass
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:
@@ -259,9 +244,7 @@ def _tokenizer_parts(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     return {
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special token ids": {name: getattr(tokenizer, f"{name}_token_id") for name in specials},
-        "added tokens": sorted(
-            (i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()
-        ),
+        "added tokens": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),
     }
 
 

