@@ -140,8 +140,11 @@ def generate(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     target, draft = load_pair(args)
     tokenizer = target.tokenizer
-    print(f"loaded target {target.source} and draft {args.draft if draft is not None else 'none'} "
-          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(
+        f"loaded target {target.source} and draft {args.draft if draft is not None else 'none'} "
+        f"in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
     totals = StepTotals()
     config = EngineConfig(
         cache=CacheConfig(max_slots=args.slots, max_model_len=args.max_model_len),
@@ -152,12 +155,21 @@ def generate(argv: Sequence[str] | None = None) -> int:
         ),
     )
     engine = Engine(
-        config, target.model, draft, eos_token_ids=eos_ids(target),
-        detokenize=lambda ids: tokenizer.decode(ids), on_step=totals, device=args.device,
+        config,
+        target.model,
+        draft,
+        eos_token_ids=eos_ids(target),
+        detokenize=lambda ids: tokenizer.decode(ids),
+        on_step=totals,
+        device=args.device,
     )
     sampling = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
     )
     prompts = encode_prompts(args, tokenizer)
     for i, ids in enumerate(prompts):
@@ -191,22 +203,38 @@ def report(args, tokenizer, prompts, tokens, finals, totals: StepTotals, elapsed
         if out.spec is not None:
             total = total.merge(out.spec)
         if args.json:
-            print(json.dumps({"id": rid, "text": text, "finish_reason": out.finish_reason,
-                              "output_tokens": out.num_output_tokens,
-                              "spec": asdict(out.spec) if out.spec else None}))
+            print(
+                json.dumps(
+                    {
+                        "id": rid,
+                        "text": text,
+                        "finish_reason": out.finish_reason,
+                        "output_tokens": out.num_output_tokens,
+                        "spec": asdict(out.spec) if out.spec else None,
+                    }
+                )
+            )
             continue
-        print(f"=== {rid} ({out.num_prompt_tokens} prompt tokens, {out.num_output_tokens} generated, "
-              f"finish: {out.finish_reason})")
+        print(
+            f"=== {rid} ({out.num_prompt_tokens} prompt tokens, {out.num_output_tokens} generated, "
+            f"finish: {out.finish_reason})"
+        )
         print(text)
         if out.spec is not None:
             print(f"--- {format_counts(out.spec)}")
     generated = sum(len(t) for t in tokens.values())
     s = totals.seconds
-    print(f"\n{len(prompts)} requests, {generated} tokens in {elapsed:.2f} s "
-          f"({generated / elapsed:.1f} tok/s), {totals.steps} engine steps = target forwards "
-          f"({totals.steps / max(generated, 1):.3f} per token)", file=sys.stderr)
-    print(f"time: prefill {s['prefill']:.2f} s, draft {s['draft']:.2f} s, verify {s['verify']:.2f} s, "
-          f"judge {s['judge']:.3f} s", file=sys.stderr)
+    print(
+        f"\n{len(prompts)} requests, {generated} tokens in {elapsed:.2f} s "
+        f"({generated / elapsed:.1f} tok/s), {totals.steps} engine steps = target forwards "
+        f"({totals.steps / max(generated, 1):.3f} per token)",
+        file=sys.stderr,
+    )
+    print(
+        f"time: prefill {s['prefill']:.2f} s, draft {s['draft']:.2f} s, verify {s['verify']:.2f} s, "
+        f"judge {s['judge']:.3f} s",
+        file=sys.stderr,
+    )
     if total.num_spec_steps:
         print(f"all requests: {format_counts(total)}", file=sys.stderr)
 

@@ -50,8 +50,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported architecture {self.architecture!r}; supported: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
+                f"unsupported architecture {self.architecture!r}; supported: " + ", ".join(SUPPORTED_ARCHITECTURES)
             )
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
@@ -189,4 +188,3 @@ class EngineConfig:
     def cache_len(self) -> int:
         """Positions per slot: a verify window past the longest context must still fit."""
         return self.cache.max_model_len + self.spec.max_speculative_tokens + 1
-

