@@ -39,7 +39,7 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy engine judge
 
-test: install assets lint
+test: install assets lint typecheck
 	$(PY) -m pytest -q
 
 bench: assets  ## CPU benchmark of docs/benchmark-engine.md

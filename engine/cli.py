@@ -14,12 +14,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engine.config import CacheConfig, EngineConfig, SpecConfig
 from engine.engine import Engine
 from engine.model.assets import embedded_target_path, fetch_qwen_pair
+from engine.model.decoder import Decoder
 from engine.model.loader import LoadedModel, check_pair, load_model
 from engine.model.quant import quantize_int8
 from engine.scheduler import QueueFullError
@@ -67,7 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, torch.nn.Module | None]:
+def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
     """Target and draft per the flags; a draft checkpoint must share the target's tokenizer."""
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     draft_path: Path | None = None
@@ -87,7 +89,7 @@ def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, torch.nn.Module | 
     return target, draft.model
 
 
-def encode_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+def encode_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     texts = list(args.prompt or [])
     if args.prompts_file:
         texts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
@@ -159,7 +161,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
         target.model,
         draft,
         eos_token_ids=eos_ids(target),
-        detokenize=lambda ids: tokenizer.decode(ids),
+        detokenize=lambda ids: str(tokenizer.decode(ids)),
         on_step=totals,
         device=args.device,
     )
@@ -187,14 +189,22 @@ def generate(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def completion_text(tokenizer, ids: list[int], stop: int | str | None) -> str:
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+def completion_text(tokenizer: Any, ids: list[int], stop: int | str | None) -> str:
+    text = str(tokenizer.decode(ids, skip_special_tokens=True))
     if isinstance(stop, str) and stop in text:
         text = text[: text.rfind(stop)]
     return text
 
 
-def report(args, tokenizer, prompts, tokens, finals, totals: StepTotals, elapsed: float) -> None:
+def report(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    tokens: dict[str, list[int]],
+    finals: dict[str, RequestOutput],
+    totals: StepTotals,
+    elapsed: float,
+) -> None:
     total = SpecCounts()
     for i in range(len(prompts)):
         rid = f"req-{i}"

@@ -104,6 +104,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, Q, D]
+        cos: torch.Tensor,  # [B, Q, 1, hd]
+        sin: torch.Tensor,  # [B, Q, 1, hd]
+        layer: int,
+        batch: ForwardBatch,
+        cache: SlotKVCache | None,
+    ) -> torch.Tensor:  # [B, Q, D]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -139,8 +151,7 @@ class Decoder(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, Q, 1, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, i, batch, cache)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer(x, cos, sin, i, batch, cache)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
