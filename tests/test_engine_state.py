@@ -191,3 +191,18 @@ def test_context_longer_than_model_is_refused(target):
         Engine(EngineConfig(cache=CacheConfig(max_model_len=10_000)), target)
     with pytest.raises(MemoryError, match="KV cache needs"):
         Engine(EngineConfig(cache=CacheConfig(max_slots=10**7, max_model_len=256)), target)
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [5, 3, 4], [0, 15, 7]])  # in place, in place unordered, gathered
+def test_cached_forward_matches_full_forward_for_any_slot_layout(target, slots):
+    rows = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81], [1, 41, 42, 13, 56, 23]]
+    cache = target.new_cache(16, 32)
+    dev = torch.device("cpu")
+    with torch.no_grad():
+        batch = ForwardBatch.build([r[:-2] for r in rows], [0, 0, 0], slots, dev)
+        assert (batch.slot_range is None) == (slots == [0, 15, 7])
+        target(batch, cache)
+        step = target(ForwardBatch.build([r[-2:] for r in rows], [len(r) - 2 for r in rows], slots, dev), cache)
+        for b, r in enumerate(rows):
+            full = target(ForwardBatch.build([r], [0], [0], dev), None)
+            torch.testing.assert_close(step[b], full[0, -2:], atol=1e-5, rtol=0)

@@ -64,16 +64,19 @@ def _sdpa_with_cache(
     cache.v[layer][slots, pos] = v.to(cache.v[layer].dtype)
 
     t = batch.max_kv_len
-    keys = cache.k[layer][:, :t].index_select(0, batch.slot_ids)  # [B, T, KVH, hd]
-    values = cache.v[layer][:, :t].index_select(0, batch.slot_ids)
-    visible = torch.arange(t, device=q.device)[None, None, :] <= (
-        batch.cache_lens.long()[:, None, None] + j[None, :, None]
-    )  # [B, Q, T]
+    if batch.slot_range is not None:
+        lo, hi = batch.slot_range
+        keys, values = cache.k[layer][lo:hi, :t], cache.v[layer][lo:hi, :t]  # views [R, T, KVH, hd]
+        rows = batch.slot_ids - lo
+        q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy(0, rows, q)  # absent rows attend to key 0
+    else:
+        keys = cache.k[layer][:, :t].index_select(0, batch.slot_ids)  # [B, T, KVH, hd]
+        values = cache.v[layer][:, :t].index_select(0, batch.slot_ids)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys.transpose(1, 2).to(q.dtype),
         values.transpose(1, 2).to(q.dtype),
-        attn_mask=visible[:, None],
+        attn_mask=batch.attn_mask,
         enable_gqa=True,
-    )
-    return out.transpose(1, 2)
+    ).transpose(1, 2)
+    return out.index_select(0, rows) if batch.slot_range is not None else out

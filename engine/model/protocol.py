@@ -13,14 +13,20 @@ from engine.kv_cache import SlotKVCache
 
 @dataclass(frozen=True, slots=True)
 class ForwardBatch:
-    """Ragged rows, right-padded to the longest: row b feeds `q_lens[b]` tokens after `cache_lens[b]` cached ones."""
+    """Ragged rows, right-padded to the longest: row b feeds `q_lens[b]` tokens after `cache_lens[b]` cached ones.
+
+    The attention metadata is built once per forward, on the host, so no layer syncs with the device.
+    """
 
     input_ids: torch.Tensor  # [B, Q] int64
     positions: torch.Tensor  # [B, Q] int64 (cache_lens[b] + j)
     slot_ids: torch.Tensor  # [B] int64, KV cache row of each batch row
     cache_lens: torch.Tensor  # [B] int32, valid cached positions before this forward
     q_lens: torch.Tensor  # [B] int32, real (unpadded) tokens in this forward
-    max_kv_len: int  # max(cache_lens + q_lens), known on the host so no device sync is needed
+    max_kv_len: int  # max(cache_lens + q_lens)
+    # SDPA path: attend over cache rows [lo, hi) in place when set (no K/V copy), else over gathered rows.
+    slot_range: tuple[int, int] | None
+    attn_mask: torch.Tensor  # [R, 1, Q, T] bool, R = hi - lo or B; key k visible to query j iff k <= len + j
 
     @staticmethod
     def build(rows: list[list[int]], cache_lens: list[int], slot_ids: list[int], device: torch.device) -> ForwardBatch:
@@ -31,13 +37,24 @@ class ForwardBatch:
             ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         lens = torch.tensor(cache_lens, dtype=torch.long)
         positions = lens[:, None] + torch.arange(q)[None, :]
+        max_kv_len = max(c + len(r) for c, r in zip(cache_lens, rows, strict=True))
+        lo, hi = min(slot_ids), max(slot_ids) + 1
+        # Rows that sit close together in the cache are attended in place; padding the few absent rows
+        # costs less than copying every row's K/V in every layer.
+        slot_range = (lo, hi) if hi - lo <= 2 * len(rows) else None
+        mask_lens = lens
+        if slot_range is not None:
+            mask_lens = torch.zeros(hi - lo, dtype=torch.long).index_copy(0, torch.tensor(slot_ids) - lo, lens)
+        mask = torch.arange(max_kv_len)[None, None, :] <= mask_lens[:, None, None] + torch.arange(q)[None, :, None]
         return ForwardBatch(
             input_ids=ids.to(device),
             positions=positions.to(device),
             slot_ids=torch.tensor(slot_ids, dtype=torch.long, device=device),
             cache_lens=lens.to(device=device, dtype=torch.int32),
             q_lens=torch.tensor([len(r) for r in rows], dtype=torch.int32, device=device),
-            max_kv_len=max(c + len(r) for c, r in zip(cache_lens, rows, strict=True)),
+            max_kv_len=max_kv_len,
+            slot_range=slot_range,
+            attn_mask=mask[:, None].to(device),
         )
 
 
