@@ -1,9 +1,9 @@
 """Int8 draft: `quantize_int8` copies a `Decoder` with its Linear layers replaced by W8A8 `Int8Linear`.
 
 Kernel: `torch._weight_int8pack_mm` fed integer-valued bf16 activations. On the AVX2 dev CPU it is the one
-non-deprecated int8 path that makes decode cheaper than fp32: `torch._int_mm` runs a scalar loop there, oneDNN
-`qlinear_pointwise` costs ~60 us a call, and fbgemm's `quantized::linear_dynamic` needs deprecated qint8
-tensors (docs/draft-choice.md).
+non-deprecated int8 path that makes decode cheaper than fp32: `torch._int_mm` runs a generic loop there,
+oneDNN `qlinear_pointwise` costs ~60 us a call, and fbgemm's `quantized::linear_dynamic` needs deprecated
+qint8 tensors (docs/draft-choice.md).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.act_qmax = 2 ** (act_bits - 1) - 1
         w = linear.weight.detach().float()  # [N, K]
-        # The kernel's scale is bf16 and also carries the activation grid's 1/act_qmax; deriving the weight step
-        # from the rounded scale keeps the weights on exactly the grid the kernel multiplies by.
+        # The kernel's scale is bf16 and also carries the activation grid's 1/act_qmax; deriving the weight
+        # step from the rounded scale keeps the weights on exactly the grid the kernel multiplies by.
         kernel_scale = (w.abs().amax(dim=1).clamp_min(_EPS) / (WEIGHT_QMAX * self.act_qmax)).bfloat16()  # [N]
         step = kernel_scale.float() * self.act_qmax  # [N]
         qweight = torch.round(w / step[:, None]).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)  # [N, K]
@@ -54,8 +54,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(_EPS)  # [M, 1]
-        xq = torch.mul(x2, torch.div(self.act_qmax, amax)).round_().to(torch.bfloat16)  # [M, K], fresh and aligned
-        y = torch._weight_int8pack_mm(xq, self.qweight, self.kernel_scale)  # [M, N] bf16, = y * act_qmax / amax
+        inv = torch.div(self.act_qmax, amax)  # [M, 1]
+        # A fresh tensor, so its rows start aligned for the kernel's loads.
+        xq = torch.mul(x2, inv).round_().to(torch.bfloat16)  # [M, K] integers in [-qmax, qmax]
+        y = torch._weight_int8pack_mm(xq, self.qweight, self.kernel_scale)  # [M, N] bf16: the output / amax
         y = torch.mul(y, amax)  # [M, N] in x's dtype (fp32 for fp32 x)
         if self.bias is not None:
             y.add_(self.bias)
