@@ -20,10 +20,9 @@ import torch
 
 from engine.config import CacheConfig, EngineConfig, SpecConfig
 from engine.engine import Engine
-from engine.model.assets import embedded_target_path, fetch_qwen_pair
 from engine.model.decoder import Decoder
-from engine.model.loader import LoadedModel, check_pair, load_model
-from engine.model.quant import quantize_int8
+from engine.model.loader import LoadedModel, eos_token_ids
+from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
 from engine.scheduler import QueueFullError
 from engine.types import Request, RequestOutput, SamplingParams, SpecCounts, SpecParams, StepStats
 
@@ -47,8 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--draft",
         default=env("DRAFT", "int8"),
-        help="'int8' (int8 copy of the target, the default), 'int8-body' (lm_head kept fp32), 'none', "
-        "or a Hugging Face directory / .gguf file",
+        help=DRAFT_CHOICES_HELP,
     )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
@@ -69,24 +67,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_pair(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
-    """Target and draft per the flags; a draft checkpoint must share the target's tokenizer."""
-    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
-    draft_path: Path | None = None
-    if args.target:
-        target_path = Path(args.target)
-    elif args.pair == "qwen-coder":
-        draft_path, target_path = fetch_qwen_pair(args.cache_dir)
-    else:
-        target_path = embedded_target_path()
-    target = load_model(target_path, dtype=dtype, device=device, cache_dir=args.cache_dir)
-    if args.no_spec or args.draft == "none":
-        return target, None
-    if args.draft in ("int8", "int8-body") and draft_path is None:
-        return target, quantize_int8(target.model, include_lm_head=args.draft == "int8")
-    draft = load_model(draft_path or Path(args.draft), dtype=dtype, device=device, cache_dir=args.cache_dir)
-    check_pair(draft, target)
-    return target, draft.model
+def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
+    return load_pair(
+        pair=args.pair,
+        target=args.target,
+        draft="none" if args.no_spec else args.draft,
+        dtype=getattr(torch, args.dtype),
+        device=torch.device(args.device),
+        cache_dir=args.cache_dir,
+    )
 
 
 def encode_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
@@ -101,15 +90,6 @@ def encode_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
         for t in texts
     ]
     return [tokenizer.encode(r, add_special_tokens=False) for r in rendered]
-
-
-def eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    ids = {loaded.tokenizer.eos_token_id}
-    gen = loaded.model_dir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos])
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 class StepTotals:
@@ -140,7 +120,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    target, draft = load_pair(args)
+    target, draft = load_models(args)
     tokenizer = target.tokenizer
     print(
         f"loaded target {target.source} and draft {args.draft if draft is not None else 'none'} "
@@ -160,7 +140,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
         config,
         target.model,
         draft,
-        eos_token_ids=eos_ids(target),
+        eos_token_ids=eos_token_ids(target),
         detokenize=lambda ids: str(tokenizer.decode(ids)),
         on_step=totals,
         device=args.device,

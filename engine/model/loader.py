@@ -282,3 +282,13 @@ def _tokenizer_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase
         if parts_a[part] != parts_b[part]:
             diffs.append(f"{part} {parts_a[part]} vs {parts_b[part]}")
     return "; ".join(diffs)
+
+
+def eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """The tokenizer's EOS plus any in generation_config.json (chat models often end turns with another)."""
+    ids = {loaded.tokenizer.eos_token_id}
+    gen = loaded.model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
