@@ -83,6 +83,7 @@ class Engine:
             )
         if not request.spec.enabled or self.drafter is None:
             width = 0
+        self.judge.check_profile(request.spec.profile)
         self.scheduler.add(Sequence(request, width, self.device))
 
     def abort(self, request_id: str) -> RequestOutput | None:

@@ -28,6 +28,9 @@ class ScriptedJudge:
                     z[b, i] = -torch.inf
         return z
 
+    def check_profile(self, profile: str) -> None:
+        pass
+
 
 def greedy_next(model, ids: list[int]) -> int:
     batch = ForwardBatch.build([ids], [0], [0], torch.device("cpu"))

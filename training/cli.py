@@ -14,11 +14,15 @@ import torch
 
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
-from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
+from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokenizer_fingerprint
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
+from judge.features import LAYOUTS
+from judge.io import pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
+from training.features import collect_features, load_features, read_labels, save_features
 from training.mine import MineConfig, Miner, mine_to_file
 from training.tasks import outcome
+from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
 
@@ -112,7 +116,83 @@ def mine(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"mine": mine}
+# --- features ------------------------------------------------------------------------------------------
+def features(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="autojudge-train features", description="DD and DT states of mined mismatches.")
+    add_model_flags(p)
+    p.add_argument("--labels", type=Path, action="append", required=True, help="label file (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="features file (.safetensors, with a .json beside it)")
+    p.add_argument("--group", type=int, default=8, help="records per forward")
+    args = p.parse_args(argv)
+    for path in args.labels:
+        if not path.is_file():
+            raise FileNotFoundError(f"label file {path} does not exist")
+    records = read_labels(args.labels)
+    if not records:
+        raise ValueError("the label files hold no usable prompts")
+    target, draft = load_models(args)
+    pair = fingerprint(target, draft)
+    if records[0]["meta"]["pair"] != pair:
+        difference = pair_difference(records[0]["meta"]["pair"], pair)
+        raise ValueError(f"the labels were mined with another model pair: {difference}")
+    start = time.perf_counter()
+    fs = collect_features(records, target.model, draft, args.group)
+    fs.meta["labels"] = [{"path": str(path), "sha256": sha256_file(path)} for path in args.labels]
+    save_features(fs, args.out)
+    print(
+        f"{len(fs.labels)} mismatches from {len(fs.prompt_ids)} prompts ({float(fs.labels.float().mean()):.1%} "
+        f"important) in {time.perf_counter() - start:.0f} s -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --- fit ------------------------------------------------------------------------------------------------
+def fit(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="autojudge-train fit", description="Fit a judge head on mined features.")
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="head directory (head.safetensors + head.json)")
+    p.add_argument("--layout", choices=LAYOUTS, default="DT", help="DT: target only (no extra draft forward)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split by prompt")
+    p.add_argument("--max-iter", type=int, default=1000)
+    p.add_argument("--default-recall", type=float, default=0.9)
+    p.add_argument("--refit-all", action="store_true", help="refit on all prompts once C is chosen")
+    args = p.parse_args(argv)
+    if not 0.0 < args.default_recall <= 1.0:
+        raise ValueError("--default-recall must be in (0, 1]")
+    fs = load_features(args.features)
+    config = FitConfig(
+        layout=args.layout,
+        seed=args.seed,
+        max_iter=args.max_iter,
+        default_recall=args.default_recall,
+        refit_all=args.refit_all,
+    )
+    provenance = {
+        "features": {"path": str(args.features), "sha256": sha256_file(args.features)},
+        "labels": fs.meta.get("labels", []),
+        "command": "autojudge-train fit " + " ".join(argv),
+    }
+    head, report = fit_head(fs, config, provenance)
+    save_head(head, args.out)
+    c = report["counts"]
+    print(
+        f"{args.layout} head: C={report['C']:.2g}, validation AUC {report['val_auc']:.3f} (train "
+        f"{report['train_auc']:.3f}); {c['train_mismatches']} / {c['val_mismatches']} train / validation mismatches "
+        f"from {c['train_prompts']} / {c['val_prompts']} prompts; default threshold "
+        f"{report['default_threshold']:.3f} -> {args.out}",
+        file=sys.stderr,
+    )
+    for row in report["thresholds"]:
+        print(
+            f"  q={row['quantile']:.2f} tau={row['threshold']:.4f} accept={row['accept_fraction']:.3f} "
+            f"recall_important={row['recall_important']:.3f}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+COMMANDS = {"mine": mine, "features": features, "fit": fit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

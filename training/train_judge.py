@@ -1,0 +1,142 @@
+"""Fit a judge head (method §4): StandardScaler + L2 logistic regression, C by validation ROC-AUC on a split by
+prompt, 26 thresholds at validation-score quantiles with their accept fraction and important-class recall."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import sklearn
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from judge.head import JudgeHead
+from training.features import FeatureSet
+
+C_GRID = tuple(sorted({10 ** (-0.5 * k) for k in range(1, 15)} | {1.0, 3.0, 10.0, 50.0, 100.0}))
+QUANTILES = tuple(i / 25 for i in range(26))
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    layout: str = "DT"
+    seed: int = 0
+    c_grid: tuple[float, ...] = C_GRID
+    max_iter: int = 1000  # lbfgs does not converge at C >= 1e-3 with sklearn's default 100
+    default_recall: float = 0.9  # default τ: the largest quantile keeping this validation recall of important
+    refit_all: bool = False
+
+
+def split_by_prompt(num_prompts: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt indices: a seeded shuffle, the first int(0.9 N) + 1 for training, the rest for validation."""
+    order = list(range(num_prompts))
+    random.Random(seed).shuffle(order)
+    cut = int(0.9 * num_prompts) + 1
+    return np.array(sorted(order[:cut])), np.array(sorted(order[cut:]))
+
+
+def design_matrix(fs: FeatureSet, layout: str) -> np.ndarray:  # [N, D] float64
+    parts = [fs.dt] if layout == "DT" else [fs.dd, fs.dt]
+    return torch.cat(parts, dim=1).double().numpy()
+
+
+def threshold_table(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> list[dict[str, float]]:
+    """Per τ (accept a mismatch when p < τ): accept fraction, and recall / precision of the important class."""
+    rows = []
+    for tau in thresholds:
+        flagged = p >= tau  # called important: not accepted
+        tp = float((flagged & (y == 1)).sum())
+        rows.append(
+            {
+                "threshold": float(tau),
+                "accept_fraction": float((~flagged).mean()),
+                "recall_important": tp / max(float((y == 1).sum()), 1.0),
+                "precision_important": tp / max(float(flagged.sum()), 1.0),
+                "accuracy": float((flagged == (y == 1)).mean()),
+            }
+        )
+    return rows
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> tuple[StandardScaler, LogisticRegression]:
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(x), y)
+    return scaler, model
+
+
+def _proba(scaler: StandardScaler, model: LogisticRegression, x: np.ndarray) -> np.ndarray:
+    return model.predict_proba(scaler.transform(x))[:, 1]
+
+
+def fit_head(fs: FeatureSet, config: FitConfig, provenance: dict[str, Any]) -> tuple[JudgeHead, dict[str, Any]]:
+    """The head and a report: AUC per C, the chosen C, the threshold table on validation (and training)."""
+    x, y = design_matrix(fs, config.layout), fs.labels.numpy()
+    train_p, val_p = split_by_prompt(len(fs.prompt_ids), config.seed)
+    prompt = fs.prompt_index.numpy()
+    tr, va = np.isin(prompt, train_p), np.isin(prompt, val_p)
+    for name, mask in (("training", tr), ("validation", va)):
+        if len(set(y[mask].tolist())) < 2:
+            raise ValueError(f"the {name} split has only one class; mine more prompts")
+    grid = []
+    for c in config.c_grid:
+        scaler, model = _fit(x[tr], y[tr], c, config.max_iter)
+        grid.append(
+            {
+                "C": c,
+                "val_auc": float(roc_auc_score(y[va], _proba(scaler, model, x[va]))),
+                "train_auc": float(roc_auc_score(y[tr], _proba(scaler, model, x[tr]))),
+            }
+        )
+    best = max(grid, key=lambda g: g["val_auc"])
+    scaler, model = _fit(x[tr], y[tr], best["C"], config.max_iter)
+    p_val = _proba(scaler, model, x[va])
+    thresholds = np.quantile(p_val, QUANTILES)
+    val_table = threshold_table(p_val, y[va], thresholds)
+    train_table = threshold_table(_proba(scaler, model, x[tr]), y[tr], thresholds)
+    keeps = [r["threshold"] for r in val_table if r["recall_important"] >= config.default_recall]
+    default = max(keeps) if keeps else 0.0
+    if config.refit_all:
+        scaler, model = _fit(x, y, best["C"], config.max_iter)
+    ids = sorted(fs.prompt_ids[i] for i in train_p), sorted(fs.prompt_ids[i] for i in val_p)
+    split_hash = hashlib.sha256(repr(ids).encode()).hexdigest()
+    report = {
+        "layout": config.layout,
+        "C": best["C"],
+        "val_auc": best["val_auc"],
+        "train_auc": best["train_auc"],
+        "c_grid": grid,
+        "counts": {
+            "prompts": len(fs.prompt_ids),
+            "train_prompts": len(train_p),
+            "val_prompts": len(val_p),
+            "train_mismatches": int(tr.sum()),
+            "val_mismatches": int(va.sum()),
+            "train_important_share": float(y[tr].mean()),
+            "val_important_share": float(y[va].mean()),
+        },
+        "thresholds": [
+            {"quantile": q, **v, "train": t} for q, v, t in zip(QUANTILES, val_table, train_table, strict=True)
+        ],
+        "default_threshold": default,
+        "default_rule": f"largest quantile threshold with validation recall of important >= {config.default_recall}",
+        "split": {"seed": config.seed, "train_fraction": "int(0.9 N) + 1 prompts", "sha256": split_hash},
+        "max_iter": config.max_iter,
+        "refit_all": config.refit_all,
+        "sklearn": sklearn.__version__,
+    }
+    head = JudgeHead(
+        layout=config.layout,
+        mean=torch.from_numpy(scaler.mean_).double(),
+        scale=torch.from_numpy(scaler.scale_).double(),
+        weights=torch.from_numpy(model.coef_[0]).double(),
+        bias=float(model.intercept_[0]),
+        thresholds=torch.from_numpy(thresholds).double(),
+        default_threshold=float(default),
+        meta={"pair": fs.meta["pair"], "fit": report, "provenance": {**provenance, "mining": fs.meta["mining"]}},
+    )
+    return head, report
