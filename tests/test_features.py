@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_engine, run_all
 
+from conftest import make_engine, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.spec.judging import JudgeInput
 from training.features import collect_features

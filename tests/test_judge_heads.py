@@ -3,15 +3,16 @@ a batch is judged by its own profile's head at its own threshold."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_engine, run_all
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from conftest import make_engine, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.model.protocol import ForwardBatch
 from engine.spec.judging import HeadJudge
@@ -20,7 +21,11 @@ from judge.io import HeadMismatchError, load_head, save_head
 from training.features import FeatureSet
 from training.train_judge import FitConfig, fit_head, split_by_prompt
 
-PAIR = {"target": {"hidden_size": 32}, "draft": {"hidden_size": 32, "quantization": "none"}, "tokenizer_sha256": "ab"}
+PAIR = {
+    "target": {"hidden_size": 32},
+    "draft": {"hidden_size": 32, "quantization": "none"},
+    "tokenizer_sha256": "ab",
+}
 
 
 def synthetic_features(n: int = 600, prompts: int = 60, dim: int = 8, seed: int = 0) -> FeatureSet:
@@ -63,8 +68,8 @@ def test_threshold_table_is_ordered_and_the_default_keeps_the_recall() -> None:
     head, report = fit_head(synthetic_features(), FitConfig(default_recall=0.9), {})
     rows = report["thresholds"]
     assert len(rows) == 26 == len(head.thresholds)
-    assert all(a["threshold"] <= b["threshold"] for a, b in zip(rows, rows[1:], strict=False))
-    assert all(a["accept_fraction"] <= b["accept_fraction"] for a, b in zip(rows, rows[1:], strict=False))
+    assert all(a["threshold"] <= b["threshold"] for a, b in itertools.pairwise(rows))
+    assert all(a["accept_fraction"] <= b["accept_fraction"] for a, b in itertools.pairwise(rows))
     assert rows[0]["accept_fraction"] == 0.0 and rows[-1]["accept_fraction"] > 0.95
     chosen = next(r for r in rows if r["threshold"] == report["default_threshold"])
     assert chosen["recall_important"] >= 0.9

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import tiny_decoder
 
+from conftest import tiny_decoder
 from engine.model.decoder import Decoder
 from engine.model.protocol import ForwardBatch
 from training.data import Problem

@@ -1,11 +1,11 @@
-"""The judge hook: what the engine hands a mismatch judge per cycle; the always-reject default and the\nlearned heads of task profiles."""
+"""The judge hook: what the engine hands a mismatch judge per cycle; the always-reject default and the
+learned heads of task profiles."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
-
-from collections.abc import Mapping
 
 import torch
 
