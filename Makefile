@@ -37,7 +37,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 typecheck: install
-	$(VENV)/bin/mypy engine judge
+	$(VENV)/bin/mypy engine judge training
 
 test: install assets lint typecheck
 	$(PY) -m pytest -q

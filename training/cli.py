@@ -17,11 +17,13 @@ from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokenizer_fingerprint
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
 from judge.features import LAYOUTS
-from judge.io import pair_difference, save_head
+from judge.io import load_head, pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
+from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features
 from training.mine import MineConfig, Miner, mine_to_file
-from training.tasks import outcome
+from training.replay import Job, LockstepDecoder, Method
+from training.tasks import is_correct, outcome
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
@@ -192,7 +194,85 @@ def fit(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"mine": mine, "features": features, "fit": fit}
+# --- evaluate -------------------------------------------------------------------------------------------
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def evaluate(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="autojudge-train evaluate", description="Sweep judge thresholds and baselines on held-out problems."
+    )
+    add_model_flags(p)
+    add_problem_flags(p, "gsm8k-test")
+    p.add_argument("--head", type=Path, help="judge head directory (none: baselines only)")
+    p.add_argument("--quantiles", default="0,4,8,10,12,14,16,18,20,22,24", help="head threshold indices (0..25)")
+    p.add_argument("--thresholds", default="", help="explicit τ values instead of --quantiles")
+    p.add_argument("--topk", default="2,3,5,10", help="top-K baseline values")
+    p.add_argument("--prob", default="0.5,0.2,0.1,0.05", help="target-probability thresholds ε")
+    p.add_argument("--kl", default="0.01,0.03,0.1,0.3", help="KL bounds (nats), used for both directions")
+    p.add_argument("--no-random", action="store_true", help="skip random acceptance at the judge's rates")
+    p.add_argument("--windows", default="8,16,32", help="windows W to count cycles for")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--slots", type=int, default=48, help="sequences decoded at once")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    args = p.parse_args(argv)
+    windows = tuple(sorted(int(w) for w in floats(args.windows)))
+    if not windows or min(windows) < 1:
+        raise ValueError("--windows must list positive integers")
+    problems = select_problems(args)
+    target, draft = load_models(args)
+    pair = fingerprint(target, draft)
+    head = load_head(args.head, pair) if args.head else None
+    methods = [Method("lossless"), Method("draft")]
+    if head is not None:
+        taus = floats(args.thresholds) or [float(head.thresholds[int(q)]) for q in floats(args.quantiles)]
+        methods += [Method("autojudge", t) for t in taus]
+    methods += [Method("topk", k) for k in floats(args.topk)] + [Method("prob", e) for e in floats(args.prob)]
+    methods += [Method(rule, b) for b in floats(args.kl) for rule in ("kl-qg", "kl-gq")]
+    tokenizer = target.tokenizer
+    prompts = {prob.prompt_id: tuple(prompt_token_ids(tokenizer, prob)) for prob in problems}
+    by_id = {prob.prompt_id: prob for prob in problems}
+    max_len = max(len(x) for x in prompts.values()) + args.max_new_tokens + 1
+    decoder = LockstepDecoder(target.model, draft, head, eos_token_ids(target), args.slots, max_len)
+
+    def text_outcome(problem: Problem, ids: list[int]) -> str | None:
+        return outcome(problem, str(tokenizer.decode(ids, skip_special_tokens=True)))
+
+    def run(ms: list[Method]) -> dict[Method, list[ProblemResult]]:
+        jobs = [
+            Job(f"{m.label}|{pid}", ids, m, args.max_new_tokens, seed=i)
+            for i, (pid, ids) in enumerate(prompts.items())
+            for m in ms
+        ]
+        traces = decoder.run(jobs)
+        return score_traces(traces, by_id, windows, text_outcome, is_correct)
+
+    start = time.perf_counter()
+    results = run(methods)
+    if head is not None and not args.no_random:
+        judge_rows = summarise(results, Method("lossless"), windows)
+        rates = sorted({round(r["accepted_mismatch_fraction"], 4) for r in judge_rows if r["method"] == "autojudge"})
+        results.update(run([Method("random", rho) for rho in rates if rho > 0]))
+    rows = summarise(results, Method("lossless"), windows)
+    meta = {
+        "command": "autojudge-train evaluate " + " ".join(argv),
+        "pair": pair,
+        "head": str(args.head) if args.head else None,
+        "source": args.source,
+        "problems": len(problems),
+        "max_new_tokens": args.max_new_tokens,
+        "windows": windows,
+        "seconds": round(time.perf_counter() - start, 1),
+        "decoding": "greedy, no bonus token (paper setting); lockstep replay, exact for every W",
+    }
+    write_reports(rows, args.out, windows, meta)
+    print(markdown_table(rows, windows), end="")
+    print(f"{len(problems)} problems, {len(rows)} method points in {meta['seconds']} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"mine": mine, "features": features, "fit": fit, "evaluate": evaluate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,89 @@
+"""Lockstep evaluation decoding equals the engine's lossy speculative decoding (bonus off) for every window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_engine, run_all
+
+from engine import Request, SamplingParams, SpecParams
+from engine.spec.judging import HeadJudge
+from judge.head import JudgeHead
+from training.replay import Job, LockstepDecoder, Method, accept_mismatch, cycles_for_window
+
+PROMPTS = [(3, 14, 15, 92, 65), (2, 7, 18), (27, 18, 28, 18, 28, 45, 90, 45)]
+
+
+def random_head(seed: int = 0, dim: int = 32) -> JudgeHead:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, generator=gen, dtype=torch.float64)
+    zeros, ones = torch.zeros(dim, dtype=torch.float64), torch.ones(dim, dtype=torch.float64)
+    return JudgeHead("DT", zeros, ones, w, 0.0, torch.linspace(0, 1, 26), 0.5)
+
+
+def lockstep(target, draft, methods: list[Method], head=None, max_tokens=30):
+    dec = LockstepDecoder(target, draft, head, eos_token_ids=(), slots=4, max_len=64)
+    jobs = [Job(f"{m.label}/{i}", p, m, max_tokens) for m in methods for i, p in enumerate(PROMPTS)]
+    return {t.job.job_id: t for t in dec.run(jobs)}
+
+
+def test_lossless_and_draft_ends_are_the_two_greedy_outputs(target, draft) -> None:
+    traces = lockstep(target, draft, [Method("lossless"), Method("draft")])
+    plain, _ = run_all(
+        make_engine(target, None),
+        [Request(str(i), p, SamplingParams(max_tokens=30, ignore_eos=True)) for i, p in enumerate(PROMPTS)],
+    )
+    only_draft, _ = run_all(
+        make_engine(draft, None),
+        [Request(str(i), p, SamplingParams(max_tokens=30, ignore_eos=True)) for i, p in enumerate(PROMPTS)],
+    )
+    for i in range(len(PROMPTS)):
+        assert traces[f"lossless/{i}"].tokens == plain[str(i)]
+        assert traces[f"draft/{i}"].tokens == only_draft[str(i)]
+        assert any(traces[f"lossless/{i}"].mismatch)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4, 8])
+def test_lockstep_equals_engine_with_a_head_judge(target, draft, window) -> None:
+    head = random_head()
+    traces = lockstep(target, draft, [Method("autojudge", 0.5)], head)
+    engine = make_engine(target, draft, judge=HeadJudge({"math": head}), bonus=False)
+    spec = SpecParams(num_speculative_tokens=window, profile="math", judge_threshold=0.5)
+    reqs = [Request(str(i), p, SamplingParams(max_tokens=30, ignore_eos=True), spec) for i, p in enumerate(PROMPTS)]
+    tokens, finals = run_all(engine, reqs)
+    judged_in = 0
+    for i in range(len(PROMPTS)):
+        tr = traces[f"autojudge=0.5/{i}"]
+        assert tr.tokens == tokens[str(i)]
+        assert cycles_for_window(tr.ok, window) == finals[str(i)].spec.num_spec_steps
+        kept = sum(ok and mm for ok, mm in zip(tr.ok, tr.mismatch, strict=True))
+        assert kept == finals[str(i)].spec.num_judge_accepted
+        judged_in += kept
+    assert judged_in > 0
+
+
+def test_cycles_for_window() -> None:
+    assert cycles_for_window([True] * 8, 4) == 2
+    assert cycles_for_window([True] * 9, 4) == 3  # a partial last window
+    assert cycles_for_window([True, False, True, True, False], 8) == 2
+    assert cycles_for_window([False, False], 4) == 2
+    assert cycles_for_window([], 4) == 0
+
+
+def test_baseline_rules() -> None:
+    q = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.7, 0.15, 0.1, 0.05]]))
+    g = torch.log(torch.tensor([[0.1, 0.2, 0.6, 0.1], [0.7, 0.15, 0.1, 0.05]]))
+    d = torch.tensor([2, 3])
+    u = torch.tensor([0.2, 0.9])
+
+    def acc(rule: str, param: list[float]) -> list[bool]:
+        return accept_mismatch(rule, torch.tensor(param), d, q, g, None, u).tolist()
+
+    assert acc("topk", [3, 3]) == [True, False]  # d=2 is the third most likely under the target's row
+    assert acc("topk", [2, 4]) == [False, True]
+    assert acc("prob", [0.1, 0.04]) == [True, True] and acc("prob", [0.2, 0.2]) == [False, False]
+    assert acc("kl-qg", [1e-6, 1e-6]) == [False, True]  # identical rows have zero divergence
+    assert acc("random", [0.5, 0.5]) == [True, False]
+    assert acc("lossless", [0, 0]) == [False, False] and acc("draft", [0, 0]) == [True, True]
+    with pytest.raises(ValueError, match="unknown rule"):
+        Method("typical", 0.1)
