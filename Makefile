@@ -5,14 +5,14 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets assets-qwen run generate lint format typecheck test bench clean
+.PHONY: install assets assets-qwen run generate lint format typecheck test bench mine features train-judge eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build on CPU machines.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[assets,dev]"
+	$(PY) -m pip install -q -e ".[assets,training,dev]"
 	touch $@
 
 install: $(STAMP)
@@ -44,6 +44,27 @@ test: install assets lint typecheck
 
 bench: assets  ## CPU benchmark of docs/benchmark-engine.md
 	$(PY) benchmarks/engine_bench.py $(ARGS)
+
+# --- the judge pipeline (docs/autojudge.md); RUN names the output folder, ARGS adds flags ---------------
+RUN ?= runs
+TASK ?= math
+SOURCE_math := gsm8k-train
+SOURCE_code := humaneval-mining
+EVAL_math := gsm8k-test
+EVAL_code := humaneval-heldout
+LIMIT ?= 500
+
+mine: assets  ## semi-greedy label mining (resumable): TASK=math|code LIMIT=N
+	$(VENV)/bin/autojudge-train mine --source $(SOURCE_$(TASK)) --limit $(LIMIT) --out $(RUN)/labels/$(TASK).jsonl $(ARGS)
+
+features: assets  ## DD/DT hidden states of the mined mismatches
+	$(VENV)/bin/autojudge-train features --labels $(RUN)/labels/$(TASK).jsonl --out $(RUN)/features/$(TASK).safetensors $(ARGS)
+
+train-judge: install  ## fit the head of TASK into judge/heads/smollm2/TASK
+	$(VENV)/bin/autojudge-train fit --features $(RUN)/features/$(TASK).safetensors --out judge/heads/smollm2/$(TASK) $(ARGS)
+
+eval: assets  ## threshold sweep + baselines on held-out problems -> RUN/eval/TASK
+	$(VENV)/bin/autojudge-train evaluate --source $(EVAL_$(TASK)) --head judge/heads/smollm2/$(TASK) --out $(RUN)/eval/$(TASK) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -21,10 +21,13 @@ import torch
 from engine.config import CacheConfig, EngineConfig, SpecConfig
 from engine.engine import Engine
 from engine.model.decoder import Decoder
-from engine.model.loader import LoadedModel, eos_token_ids
+from engine.model.fingerprint import pair_fingerprint
+from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
 from engine.scheduler import QueueFullError
+from engine.spec.judging import HeadJudge
 from engine.types import Request, RequestOutput, SamplingParams, SpecCounts, SpecParams, StepStats
+from judge.io import SHIPPED_HEADS, HeadMismatchError, load_heads
 
 DEFAULT_PROMPT = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -48,6 +51,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=env("DRAFT", "int8"),
         help=DRAFT_CHOICES_HELP,
     )
+    p.add_argument(
+        "--heads",
+        default=env("HEADS", "shipped"),
+        help="judge heads: a directory of <profile>/head.json folders, 'shipped' (the heads that come with the "
+        "embedded pair) or 'none'",
+    )
+    p.add_argument("--profile", default="lossless", help="task profile, e.g. math or code (lossless: no judge)")
+    p.add_argument("--judge-threshold", type=float, help="τ in [0, 1]; default: the profile head's default")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     p.add_argument("--no-spec", action="store_true", help="plain target decoding")
@@ -76,6 +87,26 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
         device=torch.device(args.device),
         cache_dir=args.cache_dir,
     )
+
+
+def load_judge(args: argparse.Namespace, target: LoadedModel, draft: Decoder | None) -> HeadJudge:
+    """The heads of every profile, checked against the loaded pair; no heads leaves only `lossless`."""
+    if args.heads == "none" or draft is None:
+        return HeadJudge({})
+    shipped = args.heads == "shipped"
+    directory = SHIPPED_HEADS / args.pair if shipped else Path(args.heads)
+    if shipped and (args.target or not directory.is_dir()):
+        return HeadJudge({})  # the shipped heads fit the named pairs only
+    pair = pair_fingerprint(target.model, draft, tokenizer_fingerprint(target.tokenizer))
+    return HeadJudge(load_heads(directory, pair), device=args.device)
+
+
+def spec_params(args: argparse.Namespace, judge: HeadJudge) -> SpecParams:
+    judge.check_profile(args.profile)
+    tau = args.judge_threshold
+    if tau is None:
+        tau = judge.default_threshold(args.profile)
+    return SpecParams(enabled=not args.no_spec, profile=args.profile, judge_threshold=tau)
 
 
 def encode_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
@@ -127,6 +158,8 @@ def generate(argv: Sequence[str] | None = None) -> int:
         f"in {time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
+    judge = load_judge(args, target, draft)
+    spec = spec_params(args, judge)
     totals = StepTotals()
     config = EngineConfig(
         cache=CacheConfig(max_slots=args.slots, max_model_len=args.max_model_len),
@@ -140,6 +173,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
         config,
         target.model,
         draft,
+        judge=judge,
         eos_token_ids=eos_token_ids(target),
         detokenize=lambda ids: str(tokenizer.decode(ids)),
         on_step=totals,
@@ -155,7 +189,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
     )
     prompts = encode_prompts(args, tokenizer)
     for i, ids in enumerate(prompts):
-        engine.add_request(Request(f"req-{i}", tuple(ids), sampling, SpecParams(enabled=not args.no_spec)))
+        engine.add_request(Request(f"req-{i}", tuple(ids), sampling, spec))
     finals: dict[str, RequestOutput] = {}
     tokens: dict[str, list[int]] = {}
     t0 = time.perf_counter()
@@ -236,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return generate(argv[1:])
-    except (ValueError, MemoryError, QueueFullError, FileNotFoundError) as e:
+    except (ValueError, MemoryError, QueueFullError, FileNotFoundError, HeadMismatchError) as e:
         print(f"autojudge: error: {e}", file=sys.stderr)
         return 2
 

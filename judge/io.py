@@ -15,6 +15,7 @@ import torch
 
 from judge.head import JudgeHead
 
+SHIPPED_HEADS = Path(__file__).resolve().parent / "heads"  # <pair>/<profile>/head.{json,safetensors}
 TENSORS = "head.safetensors"
 METADATA = "head.json"
 FORMAT = "autojudge-head/1"
@@ -74,6 +75,14 @@ def load_head(directory: Path, expected_pair: dict[str, Any] | None = None) -> J
         default_threshold=float(meta["default_threshold"]),
         meta=rest,
     )
+
+
+def load_heads(directory: Path, expected_pair: dict[str, Any]) -> dict[str, JudgeHead]:
+    """Every head under `directory`, keyed by its subdirectory name (the task profile it serves)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"judge head directory {directory} does not exist")
+    return {d.name: load_head(d, expected_pair) for d in sorted(directory.iterdir()) if (d / METADATA).is_file()}
 
 
 def pair_difference(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_engine, run_all
 
+from conftest import make_engine, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.spec.judging import HeadJudge
 from judge.head import JudgeHead

@@ -69,10 +69,16 @@ class HeadJudge:
     def __init__(self, heads: Mapping[str, JudgeHead], device: torch.device | str = "cpu") -> None:
         if LOSSLESS in heads:
             raise ValueError(f"the {LOSSLESS!r} profile cannot have a head")
+        self.heads = dict(heads)
         self.names = sorted(heads)
         self.bank = HeadBank([heads[n] for n in self.names], device) if heads else None
         self.index = {n: i for i, n in enumerate(self.names)}
         self.uses_draft_hidden = self.bank is not None and self.bank.layout == "DD-DT"
+
+    def default_threshold(self, profile: str) -> float:
+        """The head's default τ (0 for `lossless`)."""
+        self.check_profile(profile)
+        return 0.0 if profile == LOSSLESS else self.heads[profile].default_threshold
 
     def check_profile(self, profile: str) -> None:
         if profile != LOSSLESS and profile not in self.index:
