@@ -147,17 +147,25 @@ class Engine:
         return outputs
 
     def _prefill(self, seqs: list[Sequence]) -> int:
-        """Put `prompt[:-1]` into the target cache (and the draft cache for speculating rows)."""
-        rows = [s for s in seqs if s.num_prompt_tokens > 1]
+        """Put `prompt[:-1]` into the target cache (and the draft cache for speculating rows) after the prefix
+        the slot already holds (`target_len` / `draft_len`, set by the scheduler); returns target tokens computed."""
+        rows = [s for s in seqs if s.target_len < s.num_prompt_tokens - 1]
         if rows:
-            self.target.forward([s.token_ids[:-1] for s in rows], [0] * len(rows), [s.slot for s in rows])
-        drafting = [s for s in rows if s.num_speculative > 0]
+            self.target.forward(
+                [s.token_ids[s.target_len : -1] for s in rows], [s.target_len for s in rows], [s.slot for s in rows]
+            )
+        drafting = [s for s in seqs if s.num_speculative > 0 and s.draft_len < s.num_prompt_tokens - 1]
         if drafting and self.draft is not None:
-            self.draft.forward([s.token_ids[:-1] for s in drafting], [0] * len(drafting), [s.slot for s in drafting])
+            self.draft.forward(
+                [s.token_ids[s.draft_len : -1] for s in drafting],
+                [s.draft_len for s in drafting],
+                [s.slot for s in drafting],
+            )
+        computed = sum(s.num_prompt_tokens - 1 - s.target_len for s in rows)
         for s in seqs:
             s.target_len = s.num_prompt_tokens - 1
             s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
-        return sum(s.num_prompt_tokens for s in seqs)
+        return computed
 
     def _decide(
         self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores

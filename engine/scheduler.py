@@ -35,6 +35,8 @@ class Scheduler:
         self.detokenize = detokenize
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # What a free slot's caches still hold from its last request: tokens, target and draft valid lengths.
+        self.retained: dict[int, tuple[list[int], int, int]] = {}
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.max_waiting:
@@ -51,11 +53,30 @@ class Scheduler:
                 break  # the first one always goes, however long, so nothing starves
             self.waiting.popleft()
             budget -= seq.num_prompt_tokens
-            seq.slot = self.free_slots.pop()
+            self._assign_slot(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
         return ScheduledBatch(prefill=admitted, running=list(self.running))
+
+    def _assign_slot(self, seq: Sequence) -> None:
+        """Give `seq` the free slot whose retained tokens share the longest prefix with its prompt, and set how
+        many prompt positions it can reuse there. Prompt tokens beyond the retained valid lengths are recomputed;
+        the last prompt token is always fed by the first cycle."""
+        prompt = seq.token_ids[:-1]
+        best, best_len = self.free_slots[-1], 0
+        for slot in reversed(self.free_slots):
+            kept = self.retained.get(slot)
+            if kept is not None:
+                shared = _common_prefix(kept[0], prompt, kept[1])
+                if shared > best_len:
+                    best, best_len = slot, shared
+        self.free_slots.remove(best)
+        seq.slot = best
+        kept = self.retained.pop(best, None)
+        if kept is not None and best_len:
+            seq.target_len = best_len
+            seq.draft_len = _common_prefix(kept[0], prompt, kept[2]) if seq.num_speculative else 0
 
     def commit(self, seq: Sequence, new_ids: list[int], num_accepted: int, draft_fed: int) -> list[int]:
         """Append emitted tokens, cut at the first stop, set cache lengths; returns the kept tokens.
@@ -85,6 +106,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
+            self.retained[seq.slot] = (seq.token_ids, seq.target_len, seq.draft_len)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.slot = -1
@@ -94,3 +116,12 @@ class Scheduler:
             if seq.request_id == request_id:
                 return seq
         return None
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of `a[:limit]` and `b`."""
+    n = min(limit, len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

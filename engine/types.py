@@ -138,7 +138,7 @@ class StepStats:
 
     num_running: int
     num_waiting: int
-    num_prefill_tokens: int
+    num_prefill_tokens: int  # prompt tokens computed; a reused slot prefix is not counted
     num_generated_tokens: int
     kv_usage: float  # Σ committed lengths / (slots · positions per slot)
     seconds_prefill: float

@@ -206,3 +206,22 @@ def test_cached_forward_matches_full_forward_for_any_slot_layout(target, slots):
         for b, r in enumerate(rows):
             full = target(ForwardBatch.build([r], [0], [0], dev), None)
             torch.testing.assert_close(step[b], full[0, -2:], atol=1e-5, rtol=0)
+
+
+def test_a_slot_prefix_is_reused_and_outputs_do_not_change(target, draft):
+    """A request that extends a finished one lands on its slot and computes only the new prompt tokens."""
+    prefills: list[int] = []
+    engine = make_engine(target, draft, slots=2, on_step=lambda s: prefills.append(s.num_prefill_tokens))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first = Request("a", (5, 9, 13, 2, 77, 31, 8), params)
+    tokens, _ = run_all(engine, [first])
+    follow = (*first.prompt_token_ids, *tokens["a"][:6], 41, 42)  # new tokens after a shared prefix
+    prefills.clear()
+    got, finals = run_all(engine, [Request("b", follow, params, SpecParams(num_speculative_tokens=3))])
+    assert prefills[0] == 1  # only the new token before the last; 13 positions came from the slot
+    fresh, _ = run_all(
+        make_engine(target, draft, slots=2), [Request("b", follow, params, SpecParams(num_speculative_tokens=3))]
+    )
+    assert got == fresh
+    plain, _ = run_all(make_engine(target, None), [Request("b", follow, params)])
+    assert got == plain and finals["b"].finish_reason == "length"
