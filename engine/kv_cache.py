@@ -1,6 +1,7 @@
 """SlotKVCache: preallocated K/V tensors `[max_slots, max_len, n_kv_heads, head_dim]` per layer for one model.
 
 Pure storage: lengths live on the sequences (host side); rollback is assigning a shorter length, never a copy.
+The one copy, `copy_slot`, forks a sequence for the evaluation replay.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ class SlotKVCache:
         self.max_len = max_len
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`: forks a sequence without recomputing."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :length] = k[src, :length]
+            v[dst, :length] = v[src, :length]
 
     @staticmethod
     def nbytes_for(

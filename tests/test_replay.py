@@ -9,7 +9,7 @@ from conftest import make_engine, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.spec.judging import HeadJudge
 from judge.head import JudgeHead
-from training.replay import Job, LockstepDecoder, Method, accept_mismatch, cycles_for_window
+from training.replay import Job, LockstepDecoder, Method, accept_mismatch, cycles_for_window, mismatch_stats
 
 PROMPTS = [(3, 14, 15, 92, 65), (2, 7, 18), (27, 18, 28, 18, 28, 45, 90, 45)]
 
@@ -21,9 +21,9 @@ def random_head(seed: int = 0, dim: int = 32) -> JudgeHead:
     return JudgeHead("DT", zeros, ones, w, 0.0, torch.linspace(0, 1, 26), 0.5)
 
 
-def lockstep(target, draft, methods: list[Method], head=None, max_tokens=30):
-    dec = LockstepDecoder(target, draft, head, eos_token_ids=(), slots=4, max_len=64)
-    jobs = [Job(f"{m.label}/{i}", p, m, max_tokens) for m in methods for i, p in enumerate(PROMPTS)]
+def lockstep(target, draft, methods: list[Method], head=None, max_tokens=30, slots=4, eos=()):
+    dec = LockstepDecoder(target, draft, head, eos_token_ids=eos, slots=slots, max_len=64)
+    jobs = [Job(f"{m.label}/{i}", p, m, max_tokens, seed=i) for m in methods for i, p in enumerate(PROMPTS)]
     return {t.job.job_id: t for t in dec.run(jobs)}
 
 
@@ -77,7 +77,7 @@ def test_baseline_rules() -> None:
     u = torch.tensor([0.2, 0.9])
 
     def acc(rule: str, param: list[float]) -> list[bool]:
-        return accept_mismatch(rule, torch.tensor(param), d, q, g, None, u).tolist()
+        return accept_mismatch(rule, torch.tensor(param), mismatch_stats(d, q, g), None, u).tolist()
 
     assert acc("topk", [3, 3]) == [True, False]  # d=2 is the third most likely under the target's row
     assert acc("topk", [2, 4]) == [False, True]
@@ -87,3 +87,42 @@ def test_baseline_rules() -> None:
     assert acc("lossless", [0, 0]) == [False, False] and acc("draft", [0, 0]) == [True, True]
     with pytest.raises(ValueError, match="unknown rule"):
         Method("typical", 0.1)
+
+
+SWEEP = [
+    Method("lossless"),
+    Method("draft"),
+    Method("autojudge", 0.3),
+    Method("autojudge", 0.7),
+    Method("topk", 2),
+    Method("topk", 5),
+    Method("prob", 0.01),
+    Method("kl-qg", 0.5),
+    Method("kl-gq", 0.5),
+    Method("random", 0.5),
+]
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16])
+def test_a_shared_sweep_equals_each_method_decoded_alone(target, draft, slots) -> None:
+    """Jobs of one prompt share a row until their decisions differ; forking (cache copy, or recompute when no
+    slot is free) must give every job exactly the trace it gets when decoded on its own."""
+    head = random_head()
+    shared = lockstep(target, draft, SWEEP, head, slots=slots, eos=(7,))
+    alone: dict[str, object] = {}
+    for m in SWEEP:
+        alone.update(lockstep(target, draft, [m], head, slots=1, eos=(7,)))
+    assert shared.keys() == alone.keys()
+    for job_id, tr in shared.items():
+        ref = alone[job_id]
+        assert (tr.tokens, tr.ok, tr.mismatch) == (ref.tokens, ref.ok, ref.mismatch), job_id
+    distinct = {tuple(t.tokens) for t in shared.values()}
+    assert len(distinct) > len(PROMPTS)  # the methods really diverged, so forks happened
+
+
+def test_sharing_decodes_fewer_rows_than_jobs(target, draft) -> None:
+    head = random_head()
+    dec = LockstepDecoder(target, draft, head, eos_token_ids=(), slots=8, max_len=64)
+    jobs = [Job(f"{m.label}/{i}", p, m, 30, seed=i) for m in SWEEP for i, p in enumerate(PROMPTS)]
+    traces = dec.run(jobs)
+    assert 0 < dec.row_steps < sum(len(t.tokens) for t in traces)

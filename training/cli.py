@@ -264,11 +264,17 @@ def evaluate(argv: Sequence[str]) -> int:
         "max_new_tokens": args.max_new_tokens,
         "windows": windows,
         "seconds": round(time.perf_counter() - start, 1),
+        "rows_decoded": decoder.row_steps,
         "decoding": "greedy, no bonus token (paper setting); lockstep replay, exact for every W",
     }
     write_reports(rows, args.out, windows, meta)
     print(markdown_table(rows, windows), end="")
-    print(f"{len(problems)} problems, {len(rows)} method points in {meta['seconds']} s -> {args.out}", file=sys.stderr)
+    job_tokens = sum(r.num_tokens for res in results.values() for r in res)
+    print(
+        f"{len(problems)} problems, {len(rows)} method points in {meta['seconds']} s -> {args.out}; "
+        f"{decoder.row_steps} rows decoded for {job_tokens} tokens of all methods (shared prefixes)",
+        file=sys.stderr,
+    )
     return 0
 
 

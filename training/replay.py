@@ -12,6 +12,7 @@ tests/test_replay.py checks this against the engine with a head judge for severa
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -67,35 +68,58 @@ def kl(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # [N, V], [N, V] -> [
     return (p * (p.clamp_min(1e-30).log() - r.clamp_min(1e-30).log())).sum(-1)
 
 
+@dataclass(frozen=True, slots=True)
+class MismatchStats:
+    """What the training-free baselines read at a mismatch, one entry per row."""
+
+    rank: torch.Tensor  # [N] int64: tokens the target's row scores strictly above d (0: d is its argmax)
+    prob: torch.Tensor  # [N] the target's probability of d
+    kl_qg: torch.Tensor  # [N] KL(q || g)
+    kl_gq: torch.Tensor  # [N] KL(g || q)
+
+    def take(self, index: torch.Tensor) -> MismatchStats:  # index: [P] rows -> P entries
+        return MismatchStats(self.rank[index], self.prob[index], self.kl_qg[index], self.kl_gq[index])
+
+
+def mismatch_stats(
+    d: torch.Tensor,  # [N] draft tokens
+    q_logits: torch.Tensor,  # [N, V] the target's row that predicts d's slot (correctly aligned)
+    g_logits: torch.Tensor,  # [N, V] the draft's row that produced d
+) -> MismatchStats:
+    q, g = q_logits.float().softmax(-1), g_logits.float().softmax(-1)
+    q_d = q_logits.gather(-1, d[:, None])  # [N, 1]
+    return MismatchStats(
+        rank=(q_logits > q_d).sum(-1),
+        prob=q.gather(-1, d[:, None])[:, 0],
+        kl_qg=kl(q, g),
+        kl_gq=kl(g, q),
+    )
+
+
 def accept_mismatch(
     rule: str,
-    param: torch.Tensor,  # [N]
-    d: torch.Tensor,  # [N] draft tokens
-    q_logits: torch.Tensor,  # [N, V] the target's row that predicts d's slot
-    g_logits: torch.Tensor,  # [N, V] the draft's row that produced d
-    z: torch.Tensor | None,  # [N] judge log-odds (autojudge only)
-    u: torch.Tensor,  # [N] uniforms (random only)
-) -> torch.Tensor:  # [N] bool: keep d although the target disagrees
-    """Pure: the baselines of method §7, top-K correctly aligned (row i-1 predicts slot i)."""
+    param: torch.Tensor,  # [P]
+    stats: MismatchStats,  # P entries
+    z: torch.Tensor | None,  # [P] judge log-odds (autojudge only)
+    u: torch.Tensor,  # [P] uniforms (random only)
+) -> torch.Tensor:  # [P] bool: keep d although the target disagrees
+    """Pure: AutoJudge and the baselines of method §7; top-K is d within the K best of the row predicting it."""
     match rule:
         case "lossless":
-            return torch.zeros_like(d, dtype=torch.bool)
+            return torch.zeros_like(param, dtype=torch.bool)
         case "draft":
-            return torch.ones_like(d, dtype=torch.bool)
+            return torch.ones_like(param, dtype=torch.bool)
         case "autojudge":
             assert z is not None
             return judge_accepts(z[:, None], param)[:, 0]
         case "topk":
-            k = int(param.max())
-            top = q_logits.topk(k, dim=-1).indices  # [N, k]
-            within = torch.arange(k, device=d.device)[None, :] < param[:, None]  # each row's own K
-            return ((top == d[:, None]) & within).any(-1)
+            return stats.rank < param
         case "prob":
-            return q_logits.softmax(-1).gather(-1, d[:, None])[:, 0] >= param
+            return stats.prob >= param
         case "kl-qg":
-            return kl(q_logits.softmax(-1), g_logits.softmax(-1)) < param
+            return stats.kl_qg < param
         case "kl-gq":
-            return kl(g_logits.softmax(-1), q_logits.softmax(-1)) < param
+            return stats.kl_gq < param
         case "random":
             return u < param
     raise ValueError(rule)
@@ -112,7 +136,32 @@ def cycles_for_window(ok: list[bool], window: int) -> int:
     return cycles + (run > 0)
 
 
+@dataclass(slots=True)
+class _Branch:
+    """Jobs of one prompt whose decisions have agreed so far: one decoded row serves them all."""
+
+    jobs: list[int]  # indices into the job list
+    prompt: tuple[int, ...]
+    max_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    ok: list[bool] = field(default_factory=list)
+    mismatch: list[bool] = field(default_factory=list)
+    slot: int = -1
+    cached: int = 0  # positions of prompt + tokens held by both caches of `slot`
+
+    @property
+    def seq(self) -> list[int]:
+        return [*self.prompt, *self.tokens]
+
+    def fork(self, jobs: list[int]) -> _Branch:
+        return _Branch(jobs, self.prompt, self.max_tokens, list(self.tokens), list(self.ok), list(self.mismatch))
+
+
 class LockstepDecoder:
+    """Decodes every job's method with both models a token at a time. Jobs of one prompt share a row until
+    their decisions at a mismatch differ; then the row forks (its caches copied to a free slot, or recomputed
+    when it gets one), so a sweep of many methods costs little more than its distinct outputs."""
+
     def __init__(
         self,
         target: Decoder,
@@ -129,100 +178,160 @@ class LockstepDecoder:
         self.layout = head.layout if head is not None else "DT"
         self.eos = frozenset(eos_token_ids)
         self.slots, self.max_len, self.device = slots, max_len, device
+        self.reserve = (slots - 1) // 4  # slots new prompts leave free, so forks rarely wait
+        self.row_steps = 0  # rows decoded, summed over steps: the cost the sharing saves
 
     @torch.inference_mode()
     def run(self, jobs: list[Job]) -> list[Trace]:
-        """Decode every job; at most `slots` at once, refilled as jobs finish."""
+        """Decode every job; traces come back in job order."""
         for job in jobs:
             if len(job.prompt) + job.max_tokens > self.max_len:
                 raise ValueError(f"{job.job_id}: prompt + max_tokens exceeds max_len={self.max_len}")
             if job.method.rule == "autojudge" and self.bank is None:
                 raise ValueError("autojudge needs a judge head")
-        traces = [Trace(job) for job in jobs]
-        todo = list(reversed(range(len(jobs))))
-        active: dict[int, int] = {}  # slot -> trace index
-        gens: dict[int, torch.Generator] = {}
-        while todo or active:
-            free = [s for s in range(self.slots) if s not in active]
-            admitted = []
-            while todo and free:
-                slot, idx = free.pop(0), todo.pop()
-                active[slot] = idx
-                gens[slot] = torch.Generator(device=self.device).manual_seed(jobs[idx].seed)
-                admitted.append(slot)
-            self._prefill([(s, jobs[active[s]].prompt) for s in admitted])
-            self._step(active, traces, gens)
-            for slot in [s for s, i in active.items() if traces[i].finished]:
-                del active[slot]
-        return traces
+        groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.prompt, job.max_tokens), []).append(i)
+        roots = deque(_Branch(idx, prompt, n) for (prompt, n), idx in groups.items())
+        forks: deque[_Branch] = deque()  # forked rows that found no free slot; recomputed when admitted
+        gens = [torch.Generator(device=self.device).manual_seed(job.seed) for job in jobs]
+        traces: list[Trace | None] = [None] * len(jobs)
+        active: list[_Branch] = []
+        free = list(reversed(range(self.slots)))
+        while roots or forks or active:
+            while free and (forks or (roots and (len(free) > self.reserve or not active))):
+                branch = forks.popleft() if forks else roots.popleft()
+                branch.slot = free.pop()
+                active.append(branch)
+            self._prefill([b for b in active if b.cached < len(b.prompt) + len(b.tokens) - 1])
+            children = self._step(active, jobs, gens)
+            for branch in [*active, *(c for _, c in children)]:
+                if branch.tokens[-1] in self.eos or len(branch.tokens) >= branch.max_tokens:
+                    for i in branch.jobs:
+                        traces[i] = Trace(jobs[i], list(branch.tokens), list(branch.ok), list(branch.mismatch), True)
+                    branch.jobs = []
+            for parent, child in children:
+                if not child.jobs:
+                    continue
+                if not parent.jobs:  # the parent ended here (EOS): the child takes over its slot as it is
+                    child.slot, parent.slot = parent.slot, -1
+                    active.append(child)
+                elif free:  # copy the parent's caches: they hold the child's whole history but this token
+                    child.slot = free.pop()
+                    for runner in (self.target, self.draft):
+                        runner.cache.copy_slot(parent.slot, child.slot, child.cached)
+                    active.append(child)
+                else:
+                    child.cached = 0
+                    forks.append(child)
+            for branch in [b for b in active if not b.jobs]:
+                active.remove(branch)
+                if branch.slot >= 0:
+                    free.append(branch.slot)
+        return [t for t in traces if t is not None]
 
-    def _prefill(self, rows: list[tuple[int, tuple[int, ...]]]) -> None:
-        rows = [(s, p) for s, p in rows if len(p) > 1]
-        if rows:
-            feeds = [list(p[:-1]) for _, p in rows]
-            slots = [s for s, _ in rows]
-            self.target.forward(feeds, [0] * len(rows), slots)
-            self.draft.forward(feeds, [0] * len(rows), slots)
+    def _prefill(self, branches: list[_Branch]) -> None:
+        """Feed each branch's sequence but its last token after what its slot already holds."""
+        if branches:
+            rows = [b.seq[b.cached : -1] for b in branches]
+            cached, slots = [b.cached for b in branches], [b.slot for b in branches]
+            self.target.forward(rows, cached, slots)
+            self.draft.forward(rows, cached, slots)
+            for b in branches:
+                b.cached = len(b.prompt) + len(b.tokens) - 1
 
-    def _step(self, active: dict[int, int], traces: list[Trace], gens: dict[int, torch.Generator]) -> None:
-        slots = sorted(active)
-        seqs = [[*traces[active[s]].job.prompt, *traces[active[s]].tokens] for s in slots]
+    def _step(
+        self, active: list[_Branch], jobs: list[Job], gens: list[torch.Generator]
+    ) -> list[tuple[_Branch, _Branch]]:
+        """One token for every active branch; returns the (parent, child) pairs of the forks it made."""
+        seqs = [b.seq for b in active]
         lens = [len(x) for x in seqs]
+        slots = [b.slot for b in active]
+        self.row_steps += len(active)
         h_draft = self.draft.forward([[x[-1]] for x in seqs], [n - 1 for n in lens], slots)[:, 0]  # [B, Dd]
         g_logits = self.draft.logits(h_draft)  # [B, V]
         d = g_logits.argmax(-1)  # [B]
         d_list = d.tolist()
-        feeds = [[x[-1], t] for x, t in zip(seqs, d_list, strict=True)]
+        feeds = [[x[-1], tok] for x, tok in zip(seqs, d_list, strict=True)]
         h_target = self.target.forward(feeds, [n - 1 for n in lens], slots)  # [B, 2, Dt]
         q_logits = self.target.logits(h_target[:, 0])  # [B, V]
-        t = q_logits.argmax(-1)
-        mismatch = d != t
-        keep = torch.zeros_like(mismatch)
-        if bool(mismatch.any()):
-            keep = self._decide(slots, active, traces, gens, mismatch, d, q_logits, g_logits, h_target[:, 1], lens)
-        emitted = torch.where(mismatch & ~keep, t, d).tolist()
-        mismatch_list, keep_list = mismatch.tolist(), keep.tolist()
-        for b, s in enumerate(slots):
-            tr = traces[active[s]]
-            tr.tokens.append(emitted[b])
-            tr.mismatch.append(mismatch_list[b])
-            tr.ok.append(not mismatch_list[b] or keep_list[b])
-            tr.finished = emitted[b] in self.eos or len(tr.tokens) >= tr.job.max_tokens
+        t_list = q_logits.argmax(-1).tolist()
+        mm = [b for b in range(len(active)) if d_list[b] != t_list[b]]
+        keeps = self._decide(active, jobs, gens, mm, d, q_logits, g_logits, h_target[:, 1], lens) if mm else []
+        forks = []
+        for b, branch in enumerate(active):
+            branch.cached = lens[b]
+            branch.mismatch.append(d_list[b] != t_list[b])
+            if d_list[b] == t_list[b]:
+                branch.tokens.append(d_list[b])
+                branch.ok.append(True)
+                continue
+            keep = keeps[mm.index(b)]
+            kept = [j for j, k in zip(branch.jobs, keep, strict=True) if k]
+            rejected = [j for j, k in zip(branch.jobs, keep, strict=True) if not k]
+            if kept and rejected:
+                child = branch.fork(kept)  # its history includes this step's mismatch flag
+                child.tokens.append(d_list[b])
+                child.ok.append(True)
+                child.cached = lens[b]
+                forks.append((branch, child))
+                branch.jobs = rejected
+            branch.tokens.append(t_list[b] if rejected else d_list[b])
+            branch.ok.append(not rejected)
+        return forks
 
     def _decide(
         self,
-        slots: list[int],
-        active: dict[int, int],
-        traces: list[Trace],
-        gens: dict[int, torch.Generator],
-        mismatch: torch.Tensor,  # [B] bool
+        active: list[_Branch],
+        jobs: list[Job],
+        gens: list[torch.Generator],
+        mm: list[int],  # branches whose draft and target tokens differ
         d: torch.Tensor,  # [B]
         q_logits: torch.Tensor,  # [B, V]
         g_logits: torch.Tensor,  # [B, V]
         h_dt: torch.Tensor,  # [B, Dt] target state after reading d
         lens: list[int],
-    ) -> torch.Tensor:  # [B] bool
-        methods = [traces[active[s]].job.method for s in slots]
-        keep = torch.zeros_like(mismatch)
+    ) -> list[list[bool]]:  # per branch of `mm`, per job of that branch: keep d
+        sub = torch.tensor(mm, device=self.device)
+        stats = mismatch_stats(d[sub], q_logits[sub], g_logits[sub])
+        pair_row: list[int] = []  # (branch, job) pairs: the row of `mm` each belongs to
+        rules: list[str] = []
+        params: list[float] = []
+        us: list[float] = []
+        for r, b in enumerate(mm):
+            for j in active[b].jobs:
+                method = jobs[j].method
+                pair_row.append(r)
+                rules.append(method.rule)
+                params.append(method.param)
+                us.append(
+                    float(torch.rand((), generator=gens[j], device=self.device)) if method.rule == "random" else 0
+                )
         z = None
-        judged = [b for b, m in enumerate(methods) if m.rule == "autojudge" and bool(mismatch[b])]
+        judged = sorted({r for r, rule in zip(pair_row, rules, strict=True) if rule == "autojudge"})
         if judged and self.bank is not None:
+            rows = [mm[r] for r in judged]
             h_dd = None
             if self.layout == "DD-DT":  # the draft's state after reading d: one more draft forward
-                rows = [[int(d[b])] for b in judged]
-                h_dd = torch.zeros(len(slots), self.draft.model.config.hidden_size, device=self.device)
-                h_dd[judged] = self.draft.forward(rows, [lens[b] for b in judged], [slots[b] for b in judged])[:, 0]
-            feats = build_features(self.layout, h_dt, h_dd)  # [B, D]
-            z = self.bank.log_odds(feats[:, None], torch.zeros(len(slots), dtype=torch.long, device=self.device))[:, 0]
-        u = torch.stack([torch.rand((), generator=gens[s], device=self.device) for s in slots])
-        for rule in {m.rule for m in methods}:
-            of_rule = torch.tensor([m.rule == rule for m in methods], device=self.device) & mismatch
-            if not bool(of_rule.any()):
-                continue
-            param = torch.tensor([m.param for m in methods], device=self.device)
-            ok = accept_mismatch(rule, param, d, q_logits, g_logits, z, u)
-            keep |= of_rule & ok
-        return keep
+                feeds = [[int(d[b])] for b in rows]
+                h_dd = self.draft.forward(feeds, [lens[b] for b in rows], [active[b].slot for b in rows])[:, 0]
+            feats = build_features(self.layout, h_dt[rows], h_dd)  # [J, D]
+            z = torch.full((len(mm),), math.inf, device=self.device)
+            zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            z[judged] = self.bank.log_odds(feats[:, None], zero)[:, 0]
+        row = torch.tensor(pair_row, device=self.device)
+        param = torch.tensor(params, device=self.device)
+        u = torch.tensor(us, device=self.device)
+        keep = torch.zeros(len(pair_row), dtype=torch.bool, device=self.device)
+        for rule in set(rules):
+            sel = torch.tensor([x == rule for x in rules], device=self.device)
+            z_sel = z[row[sel]] if z is not None else None
+            keep[sel] = accept_mismatch(rule, param[sel], stats.take(row[sel]), z_sel, u[sel])
+        flags = keep.tolist()
+        out: list[list[bool]] = [[] for _ in mm]
+        for r, flag in zip(pair_row, flags, strict=True):
+            out[r].append(flag)
+        return out
 
 
 def tokens_per_cycle(traces: list[Trace], window: int) -> float:
