@@ -1,23 +1,52 @@
 """AutoJudge engine: draft + target models, slot KV cache, batched speculation loop, continuous batching.
 
-Public API: build the models with `engine.model.loader`, construct `Engine`, then `add_request` / `step` / `abort`.
+Public API: build the models with `engine.model.loader`, construct `Engine`, then `add_request` / `step` / `abort`;
+or, to serve, `build_engine(ModelSource, EngineConfig)` for an `AsyncEngine` behind the `EngineClient` Protocol.
 """
 
+from engine.build import DTYPES, LoadedEngine, ModelSource, build_engine
+from engine.client import (
+    AsyncEngine,
+    EngineClient,
+    EngineDeadError,
+    EngineInfo,
+    EngineShutdownError,
+    Health,
+    ProfileInfo,
+    QueueFullError,
+    RequestStream,
+)
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from engine.engine import Engine
-from engine.types import Request, RequestOutput, SamplingParams, SpecCounts, SpecParams, StepStats
+from engine.spec.judging import LOSSLESS
+from engine.types import Request, RequestOutput, RowCycleStats, SamplingParams, SpecCounts, SpecParams, StepStats
 
 __all__ = [
+    "DTYPES",
+    "LOSSLESS",
+    "AsyncEngine",
     "CacheConfig",
     "Engine",
+    "EngineClient",
     "EngineConfig",
+    "EngineDeadError",
+    "EngineInfo",
+    "EngineShutdownError",
+    "Health",
+    "LoadedEngine",
     "ModelConfig",
+    "ModelSource",
+    "ProfileInfo",
+    "QueueFullError",
     "Request",
     "RequestOutput",
+    "RequestStream",
+    "RowCycleStats",
     "SamplingParams",
     "SchedulerConfig",
     "SpecConfig",
     "SpecCounts",
     "SpecParams",
     "StepStats",
+    "build_engine",
 ]

@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 
+from engine import build
 from engine.config import CacheConfig, EngineConfig, SpecConfig
 from engine.engine import Engine
 from engine.model.decoder import Decoder
-from engine.model.fingerprint import pair_fingerprint
-from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
+from engine.model.loader import LoadedModel, eos_token_ids
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
 from engine.scheduler import QueueFullError
 from engine.spec.judging import HeadJudge
 from engine.types import Request, RequestOutput, SamplingParams, SpecCounts, SpecParams, StepStats
-from judge.io import SHIPPED_HEADS, HeadMismatchError, load_heads
+from judge.io import HeadMismatchError
 
 DEFAULT_PROMPT = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -90,15 +90,7 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
 
 
 def load_judge(args: argparse.Namespace, target: LoadedModel, draft: Decoder | None) -> HeadJudge:
-    """The heads of every profile, checked against the loaded pair; no heads leaves only `lossless`."""
-    if args.heads == "none" or draft is None:
-        return HeadJudge({})
-    shipped = args.heads == "shipped"
-    directory = SHIPPED_HEADS / args.pair if shipped else Path(args.heads)
-    if shipped and (args.target or not directory.is_dir()):
-        return HeadJudge({})  # the shipped heads fit the named pairs only
-    pair = pair_fingerprint(target.model, draft, tokenizer_fingerprint(target.tokenizer))
-    return HeadJudge(load_heads(directory, pair), device=args.device)
+    return build.load_judge(args.heads, args.pair, bool(args.target), target, draft, args.device)
 
 
 def spec_params(args: argparse.Namespace, judge: HeadJudge) -> SpecParams:

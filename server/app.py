@@ -1,0 +1,192 @@
+"""`create_app(client, settings, tokenizer)`: the FastAPI application. Routes, API-key check, body limits and the
+HTTP metrics middleware; the engine client is injected and started/stopped by the lifespan."""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import EngineClient
+from server.errors import APIError, bad_request, install_handlers, to_api_error
+from server.generation import Context, serve
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.profiles import ProfileTable
+from server.schemas import ChatBody, CompletionBody, GenerationBody
+from server.settings import Settings
+from server.text import Tokenizer
+
+MAX_REQUEST_ID = 128
+Body = TypeVar("Body", bound=GenerationBody)
+
+
+def create_app(
+    client: EngineClient, settings: Settings, tokenizer: Tokenizer, metrics: ServerMetrics | None = None
+) -> FastAPI:
+    info = client.info()
+    metrics = metrics or ServerMetrics(info)
+    ctx = Context(
+        client,
+        info,
+        tokenizer,
+        ProfileTable.from_info(info, settings.default_profile),
+        metrics,
+        settings.request_timeout,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        yield
+        await client.shutdown(settings.shutdown_timeout)
+
+    app = FastAPI(title="AutoJudge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app)
+    app.add_middleware(HTTPMetrics, metrics=metrics)
+
+    @app.get("/health")
+    async def health() -> Response:
+        h = client.health()
+        if not h.healthy:
+            raise APIError(503, f"the engine failed: {h.error}", "overloaded_error", None, "engine_unhealthy")
+        return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready() -> dict[str, Any]:
+        h = client.health()
+        if not (h.healthy and h.accepting):
+            raise APIError(503, "the server is not accepting requests", "overloaded_error", None, "not_ready")
+        return {"status": "ready", "num_requests": h.num_requests}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, Any]:
+        heads = {p.name: p.head_sha256 for p in info.profiles if p.head_sha256}
+        return {
+            "version": importlib.metadata.version("autojudge-server"),
+            "model": info.model_name,
+            "draft": info.draft_name,
+            "judge_heads": heads,
+        }
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(settings.api_key))])
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": info.model_name, "object": "model", "created": 0, "owned_by": "autojudge"}
+        card["max_model_len"] = info.max_model_len
+        return {"object": "list", "data": [card], "profiles": profile_list(ctx)}
+
+    @v1.get("/profiles")
+    async def profiles() -> dict[str, Any]:
+        return {"object": "list", "default": ctx.profiles.default, "data": profile_list(ctx)}
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Any:
+        body = await parse(request, CompletionBody, settings.max_body_bytes)
+        return await serve(ctx, body, *request_id(request))
+
+    @v1.post("/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await parse(request, ChatBody, settings.max_body_bytes)
+        return await serve(ctx, body, *request_id(request))
+
+    app.include_router(v1)
+    return app
+
+
+def profile_list(ctx: Context) -> list[dict[str, Any]]:
+    out = []
+    for p in ctx.profiles.profiles.values():
+        entry = asdict(p)
+        entry["threshold_table"] = [dict(row) for row in p.threshold_table]
+        entry["num_speculative_tokens"] = ctx.profiles.default_width
+        entry["default"] = p.name == ctx.profiles.default
+        out.append(entry)
+    return out
+
+
+def api_key_check(key: str | None) -> Any:
+    async def check(request: Request) -> None:
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # NOTE: compare_digest takes time independent of where the strings differ.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key", "authentication_error", None, "invalid_api_key")
+
+    return check
+
+
+def request_id(request: Request) -> tuple[str | None, dict[str, str]]:
+    """An acceptable `X-Request-Id` becomes the engine request id and is echoed back."""
+    given = request.headers.get("x-request-id")
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.isprintable():
+        return given, {"X-Request-Id": given}
+    return None, {}
+
+
+async def parse(request: Request, model: type[Body], limit: int) -> Body:
+    raw = await read_body(request, limit)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request("the request body is not valid UTF-8", None, "invalid_encoding") from e
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise to_api_error(e) from e
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(413, f"the request body exceeds {limit} bytes", "invalid_request_error", None, "too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+class HTTPMetrics:
+    """Counts and times every HTTP request by route template (bounded), method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", "other")
+            self.metrics.observe_http(handler, scope["method"], status, time.perf_counter() - start)

@@ -1,0 +1,72 @@
+"""`autojudge-serve`: the composition root. Settings (flags, env, file) -> load models and heads through the
+engine's `build_engine` -> `create_app` -> uvicorn, with a graceful shutdown on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+
+from engine import EngineClient, StepStats, build_engine
+from server.app import create_app
+from server.metrics import ServerMetrics
+from server.settings import Settings, load_settings
+
+log = logging.getLogger("autojudge.server")
+
+
+class GracefulServer(uvicorn.Server):
+    """Stops admitting at the first signal, so new requests get 503 while in-flight ones finish."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient) -> None:
+        super().__init__(config)
+        self.client = client
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.client.stop_accepting()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings) -> None:
+    metrics: list[ServerMetrics] = []  # set once the models are loaded; the engine does not step before
+
+    def on_step(stats: StepStats) -> None:
+        metrics[0].observe_step(stats)
+
+    log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, settings.draft)
+    loaded = build_engine(settings.model_source(), settings.engine_config(), on_step)
+    log.info("loaded %s in %.1f s", loaded.summary, loaded.seconds)
+    metrics.append(ServerMetrics(loaded.info))
+    app = create_app(loaded.client, settings, loaded.tokenizer, metrics[0])
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(int(settings.shutdown_timeout), 1),
+    )
+    log.info("serving %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
+    GracefulServer(config, loaded.client).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
+    except (ValueError, OSError) as e:
+        print(f"autojudge-serve: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(settings)
+    except Exception as e:  # a start-up failure (missing model, bad head, no memory): say what, exit non-zero
+        log.error("start-up failed: %s: %s", type(e).__name__, e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

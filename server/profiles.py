@@ -1,0 +1,60 @@
+"""Task profiles: resolve a request's `task_profile`, `judge_threshold`, `num_speculative_tokens` and `speculative`
+into engine `SpecParams` (explicit field > profile > server default) and the effective values echoed back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine import LOSSLESS, EngineInfo, ProfileInfo, SpecParams
+from server.errors import bad_request
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    spec: SpecParams
+    width: int  # effective window W (0 = plain decoding)
+    head_sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileTable:
+    profiles: dict[str, ProfileInfo]
+    default: str
+    default_width: int
+    max_width: int
+    can_speculate: bool  # a draft is loaded
+
+    @classmethod
+    def from_info(cls, info: EngineInfo, default: str = LOSSLESS) -> ProfileTable:
+        profiles = {p.name: p for p in info.profiles}
+        if default not in profiles:
+            raise ValueError(f"default profile {default!r} is not loaded; loaded: {', '.join(profiles)}")
+        return cls(
+            profiles,
+            default,
+            info.default_speculative_tokens,
+            info.max_speculative_tokens,
+            info.draft_name is not None,
+        )
+
+    def resolve(
+        self,
+        task_profile: str | None,
+        judge_threshold: float | None,
+        num_speculative_tokens: int | None,
+        speculative: bool | None,
+    ) -> Resolved:
+        name = self.default if task_profile is None else task_profile
+        profile = self.profiles.get(name)
+        if profile is None:
+            known = ", ".join(self.profiles)
+            raise bad_request(f"unknown task_profile {name!r}; known profiles: {known}", "task_profile")
+        width = self.default_width if num_speculative_tokens is None else num_speculative_tokens
+        if width > self.max_width:
+            raise bad_request(
+                f"num_speculative_tokens must be in [0, {self.max_width}], got {width}", "num_speculative_tokens"
+            )
+        enabled = (speculative is not False) and self.can_speculate and width > 0
+        tau = profile.judge_threshold if judge_threshold is None else judge_threshold
+        spec = SpecParams(enabled=enabled, num_speculative_tokens=width, profile=name, judge_threshold=tau)
+        return Resolved(spec, width if enabled else 0, profile.head_sha256)

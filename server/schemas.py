@@ -1,0 +1,161 @@
+"""Wire models: the completion and chat request bodies (strict pydantic, validated from the raw JSON) and the
+builders of response objects, stream chunks and the per-request `metrics` block."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine import SpecCounts
+from server.errors import bad_request
+
+MAX_STOP_STRINGS = 16
+
+# Fields OpenAI defines that speculative verification does not support yet (serving.md §2): a clear 400 when
+# a request asks for them with a non-default value, instead of silently ignoring them.
+UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "min_p": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class GenerationBody(BaseModel):
+    """Fields shared by both endpoints, including our extensions (sent by the OpenAI SDK through `extra_body`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: disabled (vLLM accepts both)
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    task_profile: str | None = None
+    judge_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    num_speculative_tokens: Annotated[int, Field(ge=0)] | None = None
+    speculative: bool | None = None
+    spec_metrics: Literal["none", "summary"] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        extra = self.model_extra or {}
+        for name, defaults in UNSUPPORTED_DEFAULTS.items():
+            if name in extra and not any(extra[name] == d and type(extra[name]) is type(d) for d in defaults):
+                raise bad_request(f"{name} is not supported by this server", name, "unsupported_parameter")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+        return tuple(stops)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionBody(GenerationBody):
+    prompt: str | list[int]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatBody(GenerationBody):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --- responses ----------------------------------------------------------------------------------------
+
+
+def usage(num_prompt: int, num_output: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output}
+
+
+def speculative_decoding(counts: SpecCounts, width: int) -> dict[str, Any]:
+    """vLLM's per-request schema; mean acceptance length is `1 + accepted / cycles` (vLLM's definition)."""
+    steps = counts.num_spec_steps
+    # accepted_per_pos[i] counts cycles that kept draft i, i.e. that accepted more than i drafts.
+    at_least = [steps, *counts.accepted_per_pos[:width], 0]
+    at_least += [0] * (width + 2 - len(at_least))
+    return {
+        "num_spec_steps": steps,
+        "num_draft_tokens": counts.num_draft_tokens,
+        "num_accepted_draft_tokens": counts.num_accepted_tokens,
+        "draft_acceptance_rate": counts.draft_acceptance_rate,
+        "mean_acceptance_length": 1 + counts.num_accepted_tokens / steps if steps else 0.0,
+        "acceptance_histogram": [at_least[j] - at_least[j + 1] for j in range(width + 1)],
+    }
+
+
+def judge_block(
+    counts: SpecCounts | None,
+    profile: str,
+    tau: float,
+    width: int,
+    bonus: bool,
+    num_output: int,
+    head_sha256: str | None,
+) -> dict[str, Any]:
+    c = counts or SpecCounts()
+    return {
+        "task_profile": profile,
+        "judge_threshold": tau,
+        "num_speculative_tokens": width,
+        "bonus_token": bonus and width > 0,
+        "num_judged": c.num_judged,
+        "num_judge_accepted_tokens": c.num_judge_accepted,
+        "num_recovered_tokens": c.num_recovered,
+        "num_bonus_tokens": c.num_bonus,
+        "mean_tokens_per_cycle": c.mean_acceptance_length,
+        "lossy_fraction": c.num_judge_accepted / num_output if num_output else 0.0,
+        "judge_head_sha256": head_sha256,
+    }

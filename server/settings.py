@@ -1,0 +1,155 @@
+"""Server settings from, in rising precedence: defaults, an optional config file (TOML or JSON, keys named as the
+fields), `AUTOJUDGE_<FIELD>` environment variables and command-line flags (`--field-name`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from engine import DTYPES, CacheConfig, EngineConfig, ModelSource, SchedulerConfig, SpecConfig
+
+ENV_PREFIX = "AUTOJUDGE_"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    api_key: str | None = _opt(None, "require `Authorization: Bearer <key>` on /v1 routes")
+    max_body_bytes: int = _opt(1 << 20, "largest accepted request body (413 beyond)")
+    request_timeout: float = _opt(600.0, "seconds a request may run before it is aborted")
+    shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on shutdown")
+    default_profile: str = _opt("lossless", "task profile of requests that name none")
+    log_level: str = _opt("info", "debug | info | warning | error")
+    pair: str = _opt("smollm2", "named model pair: smollm2 | qwen-coder")
+    target: str | None = _opt(None, "target checkpoint: a Hugging Face directory or .gguf file (overrides pair)")
+    draft: str = _opt("int8", "int8 | int8-body | none | a draft checkpoint")
+    heads: str = _opt("shipped", "judge heads: shipped | none | a directory of <profile>/head.json folders")
+    served_model_name: str | None = _opt(None, "model id in the API (default: the target file name)")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = _opt("float32", " | ".join(DTYPES))
+    threads: int = _opt(0, "CPU threads for torch (0: torch's default)")
+    cache_dir: str = _opt(str(Path.home() / ".cache" / "autojudge"), "converted-model cache")
+    max_slots: int = _opt(8, "batch slots (requests decoded together)")
+    max_model_len: int = _opt(2048, "context limit: prompt + max_tokens")
+    max_waiting: int = _opt(64, "requests waiting for a slot before 429")
+    max_speculative_tokens: int = _opt(8, "largest window K a request may ask for")
+    num_speculative_tokens: int = _opt(4, "default window K")
+    bonus_token: bool = _opt(True, "emit the target's bonus token after a fully accepted window")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be in 1..65535")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if self.request_timeout <= 0 or self.shutdown_timeout < 0:
+            raise ValueError("request_timeout must be > 0 and shutdown_timeout >= 0")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
+
+    def model_source(self) -> ModelSource:
+        return ModelSource(
+            pair=self.pair,
+            target=self.target,
+            draft=self.draft,
+            heads=self.heads,
+            device=self.device,
+            dtype=self.dtype,
+            threads=self.threads,
+            cache_dir=Path(self.cache_dir),
+            model_name=self.served_model_name,
+        )
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            cache=CacheConfig(max_slots=self.max_slots, max_model_len=self.max_model_len),
+            spec=SpecConfig(
+                max_speculative_tokens=self.max_speculative_tokens,
+                default_speculative_tokens=self.num_speculative_tokens,
+                bonus_token=self.bonus_token,
+            ),
+            scheduler=SchedulerConfig(max_waiting=self.max_waiting),
+        )
+
+
+def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config") or environ.get(f"{ENV_PREFIX}CONFIG")
+    values: dict[str, Any] = read_config_file(Path(config_file)) if config_file else {}
+    hints = get_type_hints(Settings)
+    for f in fields(Settings):
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if env is not None:
+            values[f.name] = env
+        if args[f.name] is not None:
+            values[f.name] = args[f.name]
+    unknown = set(values) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return Settings(**{name: coerce(name, value, hints[name]) for name, value in values.items()})
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        data = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise ValueError(f"config file {path} must be .toml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """A file or environment value into the field's type (`none` clears an optional field)."""
+    base = _base_type(hint)
+    optional = base is not hint
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("", "none"))):
+        return None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"{name} must be a boolean, got {value!r}")
+        return text in ("1", "true", "yes", "on")
+    try:
+        return base(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be {base.__name__}, got {value!r}") from e
+
+
+def _base_type(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        return next(a for a in get_args(hint) if a is not type(None))
+    return hint
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autojudge-serve", description="OpenAI-compatible AutoJudge server.")
+    p.add_argument("--config", help="TOML or JSON settings file (also AUTOJUDGE_CONFIG)")
+    hints = get_type_hints(Settings)
+    for f in fields(Settings):
+        base = _base_type(hints[f.name])
+        default = "none" if f.default is MISSING else f.default
+        help_text = f"{f.metadata['help']} (default {default}; env {ENV_PREFIX}{f.name.upper()})"
+        flag = "--" + f.name.replace("_", "-")
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, type=base, default=None, help=help_text)
+    return p
