@@ -11,7 +11,7 @@ from conftest import tiny_decoder
 from engine.model.decoder import Decoder
 from engine.model.protocol import ForwardBatch
 from training.data import Problem
-from training.mine import MineConfig, Miner, mine_to_file, read_done
+from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 
 EOS = 5
 BUDGET = 20
@@ -115,6 +115,10 @@ def test_mining_resumes_and_refuses_a_different_setup(tmp_path: Path) -> None:
     assert {r["prompt_id"] for r in records[:3]} == {"p0", "p1", "p2"}
     assert sorted(r["prompt_id"] for r in records) == [f"p{i}" for i in range(6)]
     assert all(json.loads(line) for line in path.read_text().splitlines())
+    summary = label_summary(records)
+    assert summary["prompts"] == 6
+    assert summary["labels"] == sum(len(r["mismatches"]) for r in records)
+    assert summary["important"] == sum(m[1] for r in records for m in r["mismatches"])
     try:
         mine_to_file(_miner(target, draft, 2), problems, path, {"budget": BUDGET + 1})
     except ValueError as e:

@@ -21,7 +21,7 @@ from judge.io import load_head, pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features
-from training.mine import MineConfig, Miner, mine_to_file
+from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
 from training.tasks import is_correct, outcome
 from training.train_judge import FitConfig, fit_head
@@ -115,6 +115,20 @@ def mine(argv: Sequence[str]) -> int:
         f"{int(totals['dropped'])} prompts dropped (target answer did not parse) -> {args.out}",
         file=sys.stderr,
     )
+    return 0
+
+
+def labels(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="autojudge-train labels", description="Summarise label files.")
+    p.add_argument("files", type=Path, nargs="+", help="label files (JSON lines)")
+    args = p.parse_args(argv)
+    for path in args.files:
+        if not path.is_file():
+            raise FileNotFoundError(f"label file {path} does not exist")
+        summary = label_summary(read_done(path)[0])
+        print(
+            f"{path}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
     return 0
 
 
@@ -278,7 +292,7 @@ def evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"mine": mine, "features": features, "fit": fit, "evaluate": evaluate}
+COMMANDS = {"mine": mine, "labels": labels, "features": features, "fit": fit, "evaluate": evaluate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -221,6 +221,25 @@ def read_done(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, good
 
 
+def label_summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Totals of a label file: what a report on mining quotes (rates use the prompts' own wall times)."""
+    labels = [m for r in records for m in r["mismatches"]]
+    parsed = [r for r in records if r["target_outcome"] is not None]
+    lengths = [len(r["target_token_ids"]) - len(r["prompt_token_ids"]) for r in parsed]
+    return {
+        "prompts": len(records),
+        "dropped": len(records) - len(parsed),
+        "labels": len(labels),
+        "important": sum(m[1] for m in labels),
+        "important_share": sum(m[1] for m in labels) / len(labels) if labels else 0.0,
+        "labels_per_prompt": len(labels) / len(parsed) if parsed else 0.0,
+        "rollouts": sum(r["num_rollouts"] for r in records),
+        "mean_response_tokens": sum(lengths) / len(lengths) if lengths else 0.0,
+        "max_response_tokens": max(lengths, default=0),
+        "prompt_seconds": sum(r["seconds"] for r in records),
+    }
+
+
 def mine_to_file(
     miner: Miner,
     problems: list[tuple[Problem, list[int]]],
