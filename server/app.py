@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import ValidationError
@@ -25,7 +25,6 @@ from server.settings import Settings
 from server.text import Tokenizer
 
 MAX_REQUEST_ID = 128
-Body = TypeVar("Body", bound=GenerationBody)
 
 
 def create_app(
@@ -92,15 +91,22 @@ def create_app(
     async def profiles() -> dict[str, Any]:
         return {"object": "list", "default": ctx.profiles.default, "data": profile_list(ctx)}
 
+    async def generate(request: Request, kind: type[GenerationBody]) -> Any:
+        try:
+            body = await parse(request, kind, settings.max_body_bytes)
+            return await serve(ctx, body, *request_id(request))
+        except APIError:
+            raise
+        except Exception as e:  # engine refusals and faults become their status here, not in the error middleware
+            raise to_api_error(e) from e
+
     @v1.post("/completions")
     async def completions(request: Request) -> Any:
-        body = await parse(request, CompletionBody, settings.max_body_bytes)
-        return await serve(ctx, body, *request_id(request))
+        return await generate(request, CompletionBody)
 
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Any:
-        body = await parse(request, ChatBody, settings.max_body_bytes)
-        return await serve(ctx, body, *request_id(request))
+        return await generate(request, ChatBody)
 
     app.include_router(v1)
     return app
@@ -138,7 +144,7 @@ def request_id(request: Request) -> tuple[str | None, dict[str, str]]:
     return None, {}
 
 
-async def parse(request: Request, model: type[Body], limit: int) -> Body:
+async def parse(request: Request, model: type[GenerationBody], limit: int) -> GenerationBody:
     raw = await read_body(request, limit)
     try:
         raw.decode("utf-8")

@@ -71,12 +71,17 @@ def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
     if not errors:
         return bad_request("invalid request body")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    # pydantic adds union members ("str", "list[int]") to the location; the field path is the rest.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    param = loc[0] if loc else None
     kind = str(first.get("type", ""))
     code = "invalid_json" if kind.startswith("json") else "invalid_type" if kind.endswith("_type") else "invalid_value"
     message = str(first.get("msg", "invalid value"))
-    return bad_request(f"{param}: {message}" if param else message, param, code)
+    return bad_request(f"{'.'.join(loc)}: {message}" if loc else message, param, code)
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -182,7 +182,7 @@ def test_queue_bound_counts_running_and_waiting(target, draft):
 
 
 def test_bad_request_fails_only_its_stream(target, draft):
-    engine, client = tiny_engine(target, draft)
+    _, client = tiny_engine(target, draft)
     too_long = Request("long", (1,) * MAX_MODEL_LEN, SamplingParams(max_tokens=5))
 
     async def scenario():
