@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from conftest import run_all
 from engine import (
@@ -31,6 +32,15 @@ from engine.client import ProfileInfo
 from engine.spec.judging import LOSSLESS, HeadJudge, MismatchJudge
 
 MAX_MODEL_LEN = 160
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy machine their barriers stall each step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Gate:

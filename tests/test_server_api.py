@@ -22,7 +22,7 @@ from judge.head import JudgeHead
 from server.app import create_app
 from server.metrics import ServerMetrics
 from server.settings import Settings
-from test_client import MAX_MODEL_LEN, Gate, async_wait_for, tiny_engine
+from test_client import MAX_MODEL_LEN, Gate, async_wait_for, one_torch_thread, tiny_engine  # noqa: F401
 from test_server_text import CharTokenizer
 
 TOKENIZER = CharTokenizer()

@@ -1,0 +1,134 @@
+"""A real uvicorn on loopback with a tiny engine: the official `openai` client, streaming and not; 16 concurrent
+greedy streams equal 16 sequential requests; a client that disconnects mid-stream frees its slot at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from test_client import one_torch_thread, wait_for  # noqa: F401 (an autouse fixture)
+from test_server_api import MODEL, PROMPT, Served, build_app, sample
+
+KEY = "test-key"
+
+
+@contextlib.contextmanager
+def running(s: Served) -> Iterator[str]:
+    """Serve the app on a free loopback port in a thread (lifespan included); yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(s.app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive())
+        assert server.started, "uvicorn did not start"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        s.gate.release()
+        server.should_exit = True
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "the server did not shut down"
+
+
+@pytest.fixture
+def server_url(target, draft) -> Iterator[str]:
+    from server.settings import Settings
+
+    with running(build_app(target, draft, Settings(api_key=KEY))) as url:
+        yield url
+
+
+def test_openai_client_completions_and_chat(server_url):
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY, max_retries=0)
+    extra = {"task_profile": "lossless", "num_speculative_tokens": 3}
+    done = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=extra)
+    assert done.usage is not None and done.usage.completion_tokens == 12
+    assert done.choices[0].finish_reason == "length"
+    metrics = (done.model_extra or {})["metrics"]
+    assert metrics["judge"]["num_speculative_tokens"] == 3
+
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=extra, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+
+    messages = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts = list(stream)
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content
+    assert parts[-1].choices == [] and parts[-1].usage is not None and parts[-1].usage.completion_tokens == 10
+    assert "speculative_decoding" in (parts[-1].model_extra or {})["metrics"]
+
+
+def test_openai_client_sees_typed_errors(server_url):
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body={"judge_threshold": 2})
+    assert bad.value.body["param"] == "judge_threshold"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server_url}/v1", api_key="nope", max_retries=0).models.list()
+    assert httpx.get(f"{server_url}/health").status_code == 200
+
+
+def test_sixteen_concurrent_greedy_streams_equal_sequential_requests(target, draft):
+    from server.settings import Settings
+
+    prompts = [f"{PROMPT} {i} " + "ab" * (i % 5) for i in range(16)]
+    with running(build_app(target, draft, Settings(), slots=4, max_waiting=16)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        sequential = [
+            client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+            for p in prompts
+        ]
+
+        async def stream_one(aclient: openai.AsyncOpenAI, prompt: str) -> str:
+            chunks = await aclient.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True
+            )
+            return "".join([c.choices[0].text async for c in chunks])
+
+        async def concurrent() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as aclient:
+                return list(await asyncio.gather(*(stream_one(aclient, p) for p in prompts)))
+
+        streamed = asyncio.run(concurrent())
+    assert len(set(sequential)) > 1, "prompts must give different texts"
+    assert streamed == sequential
+
+
+def test_disconnect_mid_stream_aborts_and_frees_the_slot(target, draft):
+    from server.settings import Settings
+
+    s = build_app(target, draft, Settings())
+    with running(s) as url:
+        s.gate.hold_after(1)  # the engine pauses after its first step, so the request cannot finish meanwhile
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        wait_for(lambda: s.client.health().num_requests == 0)
+        s.gate.release()
+        wait_for(lambda: not s.engine.has_unfinished())
+        assert s.engine.num_free_slots == 4
+        metrics = httpx.get(f"{url}/metrics").text
+    assert '"text"' in first
+    labels = {"model_name": MODEL, "task_profile": "lossless"}
+    assert sample(metrics, "autojudge_request_success_total", finished_reason="abort", **labels) == 1
+    assert sample(metrics, "autojudge_request_success_total", finished_reason="length", **labels) == 0
+    assert sample(metrics, "autojudge_generation_tokens_total", **labels) < 120
