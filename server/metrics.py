@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from engine import EngineInfo, StepStats
 
@@ -66,6 +66,8 @@ class ServerMetrics:
     def __init__(self, info: EngineInfo, clock: Callable[[], float] = time.perf_counter) -> None:
         self.model_name = info.model_name
         self.clock = clock
+        # `*_created` series double the output and no dashboard reads them (vLLM turns them off too).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = r = CollectorRegistry()
         mp = ["model_name", "task_profile"]
         m = ["model_name"]
