@@ -8,7 +8,7 @@ import contextlib
 import json
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -592,8 +592,3 @@ def test_metric_labels_stay_bounded(target, draft):
     assert 'handler="other"' in text
     assert sample(text, "autojudge_judge_head_info", task_profile="math", head_sha256="ab" * 32) == 1
     assert not math.isnan(sample(text, "autojudge_kv_cache_usage_perc", model_name=MODEL))
-
-
-def test_settings_replace_keeps_validation():
-    with pytest.raises(ValueError):
-        replace(Settings(), port=0)
