@@ -94,7 +94,7 @@ def create_app(
     async def generate(request: Request, kind: type[GenerationBody]) -> Any:
         try:
             body = await parse(request, kind, settings.max_body_bytes)
-            return await serve(ctx, body, *request_id(request))
+            return await serve(ctx, body, *request_id(request), request.receive)
         except APIError:
             raise
         except Exception as e:  # engine refusals and faults become their status here, not in the error middleware

@@ -7,11 +7,11 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine import EngineClient, EngineInfo, EngineShutdownError, Request, RequestOutput, RequestStream, SamplingParams
@@ -20,6 +20,9 @@ from server.metrics import RequestTracker, ServerMetrics
 from server.profiles import ProfileTable, Resolved
 from server.schemas import ChatBody, CompletionBody, GenerationBody, judge_block, speculative_decoding, usage
 from server.text import TextStream, Tokenizer, encode_chat
+
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's status for a request the client abandoned; it never reaches the client
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,11 @@ def prompt_ids(ctx: Context, body: GenerationBody) -> tuple[list[int], str]:
     return list(body.prompt), "prompt"
 
 
-async def serve(ctx: Context, body: GenerationBody, request_id: str | None, headers: dict[str, str]) -> Any:
-    """Admit the request (refusals become 4xx/5xx before any byte is sent), then answer or stream."""
+async def serve(
+    ctx: Context, body: GenerationBody, request_id: str | None, headers: dict[str, str], receive: Receive
+) -> Any:
+    """Admit the request (refusals become 4xx/5xx before any byte is sent), then answer or stream. `receive` is
+    the ASGI channel, already drained of the body: its next message tells that the client went away."""
     request, resolved, num_prompt = prepare(ctx, body, request_id)
     chat = isinstance(body, ChatBody)
     job = Job(
@@ -137,12 +143,40 @@ async def serve(ctx: Context, body: GenerationBody, request_id: str | None, head
     if body.stream:
         return EventStream(sse(job), job, headers=headers)
     try:
-        text = "".join([delta async for delta, _ in outputs(job)])
+        text = await unless_disconnected(collect_text(job), receive)
     except BaseException as e:
         job.end(failure_reason(e))
         raise
+    if text is None:
+        job.end("abort")
+        return Response(status_code=CLIENT_CLOSED)
     job.end(job.finish_reason or "error")
     return JSONResponse(response(job, text), headers=headers)
+
+
+async def collect_text(job: Job) -> str:
+    return "".join([delta async for delta, _ in outputs(job)])
+
+
+async def unless_disconnected(work: Coroutine[Any, Any, T], receive: Receive) -> T | None:
+    """`work`'s result, or None as soon as the client disconnects (`work` is then cancelled). A non-streaming
+    request otherwise holds its slot until it finishes, since nothing is sent that could fail."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected(receive))
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()  # no-op once done
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    await asyncio.wait((task,))  # let the cancelled work unwind before the slot is released
+    return None
+
+
+async def disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def failure_reason(exc: BaseException) -> str:

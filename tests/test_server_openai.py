@@ -1,10 +1,13 @@
 """A real uvicorn on loopback with a tiny engine: the official `openai` client, streaming and not; 16 concurrent
-greedy streams equal 16 sequential requests; a client that disconnects mid-stream frees its slot at once."""
+greedy streams equal 16 sequential requests; a client that disconnects, mid-stream or while waiting for a plain
+response, frees its slot at once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -13,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 
+from server.settings import Settings
 from test_client import one_torch_thread, wait_for  # noqa: F401 (an autouse fixture)
 from test_server_api import MODEL, PROMPT, Served, build_app, sample
 
@@ -39,8 +43,6 @@ def running(s: Served) -> Iterator[str]:
 
 @pytest.fixture
 def server_url(target, draft) -> Iterator[str]:
-    from server.settings import Settings
-
     with running(build_app(target, draft, Settings(api_key=KEY))) as url:
         yield url
 
@@ -88,8 +90,6 @@ def test_openai_client_sees_typed_errors(server_url):
 
 
 def test_sixteen_concurrent_greedy_streams_equal_sequential_requests(target, draft):
-    from server.settings import Settings
-
     prompts = [f"{PROMPT} {i} " + "ab" * (i % 5) for i in range(16)]
     with running(build_app(target, draft, Settings(), slots=4, max_waiting=16)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -114,8 +114,6 @@ def test_sixteen_concurrent_greedy_streams_equal_sequential_requests(target, dra
 
 
 def test_disconnect_mid_stream_aborts_and_frees_the_slot(target, draft):
-    from server.settings import Settings
-
     s = build_app(target, draft, Settings())
     with running(s) as url:
         s.gate.hold_after(1)  # the engine pauses after its first step, so the request cannot finish meanwhile
@@ -132,3 +130,25 @@ def test_disconnect_mid_stream_aborts_and_frees_the_slot(target, draft):
     assert sample(metrics, "autojudge_request_success_total", finished_reason="abort", **labels) == 1
     assert sample(metrics, "autojudge_request_success_total", finished_reason="length", **labels) == 0
     assert sample(metrics, "autojudge_generation_tokens_total", **labels) < 120
+
+
+def test_disconnect_while_waiting_for_a_plain_completion_aborts_it(target, draft):
+    s = build_app(target, draft, Settings())
+    with running(s) as url:
+        s.gate.hold_after(1)  # the engine pauses after one step: the request is mid-generation when the client goes
+        body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "temperature": 0}).encode()
+        head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head.encode() + body)
+            wait_for(lambda: s.gate.steps > 0 and s.client.health().num_requests == 1)
+        wait_for(lambda: s.client.health().num_requests == 0)  # released while the engine is still held
+        s.gate.release()
+        wait_for(lambda: not s.engine.has_unfinished())
+        assert s.engine.num_free_slots == 4
+        metrics = httpx.get(f"{url}/metrics").text
+    labels = {"model_name": MODEL, "task_profile": "lossless"}
+    assert sample(metrics, "autojudge_request_success_total", finished_reason="abort", **labels) == 1
+    assert sample(metrics, "autojudge_request_success_total", finished_reason="length", **labels) == 0
+    assert sample(metrics, "http_requests_total", handler="/v1/completions", status="499") == 1
