@@ -4,7 +4,7 @@ Public API: build the models with `engine.model.loader`, construct `Engine`, the
 or, to serve, `build_engine(ModelSource, EngineConfig)` for an `AsyncEngine` behind the `EngineClient` Protocol.
 """
 
-from engine.build import DTYPES, LoadedEngine, ModelSource, build_engine
+from engine.build import DTYPES, LoadedEngine, ModelSource, ProfileSpec, build_engine
 from engine.client import (
     AsyncEngine,
     EngineClient,
@@ -37,6 +37,7 @@ __all__ = [
     "ModelConfig",
     "ModelSource",
     "ProfileInfo",
+    "ProfileSpec",
     "QueueFullError",
     "Request",
     "RequestOutput",

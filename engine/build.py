@@ -3,8 +3,9 @@ wrap it in an `AsyncEngine`; returns it with the tokenizer and what was loaded (
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,42 @@ from engine.model.pair import load_pair
 from engine.spec.judging import LOSSLESS, HeadJudge
 from engine.types import StepStats
 from judge.head import JudgeHead
-from judge.io import SHIPPED_HEADS, load_heads
+from judge.io import METADATA, SHIPPED_HEADS, load_head
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOSSLESS_DESCRIPTION = "exact speculative decoding: every mismatch is rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSpec:
+    """One task profile to serve (serving.md §2): its judge head (none for `lossless`), default τ and window."""
+
+    name: str
+    judge_head: Path | None = None  # a directory holding head.json and head.safetensors
+    sha256: str | None = None  # when given, must equal the head's tensors_sha256
+    judge_threshold: float | None = None  # default τ; None: threshold_index, else the head's own default
+    threshold_index: int | None = None  # into the head's validation-score quantiles (0 .. 25)
+    num_speculative_tokens: int | None = None  # default window W; None: the server's
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            raise ValueError(f"profile name {self.name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        where = f"profile {self.name!r}"
+        if (self.judge_head is None) != (self.name == LOSSLESS):
+            raise ValueError(f"{where}: only {LOSSLESS!r} has no judge_head, and it cannot have one")
+        if self.judge_threshold is not None and self.threshold_index is not None:
+            raise ValueError(f"{where}: give judge_threshold or threshold_index, not both")
+        if self.name == LOSSLESS and (self.judge_threshold or self.threshold_index is not None):
+            raise ValueError(f"{where}: the lossless profile has τ = 0")
+        if self.judge_threshold is not None and not 0.0 <= self.judge_threshold <= 1.0:
+            raise ValueError(f"{where}: judge_threshold must be in [0, 1]")
+        if self.threshold_index is not None and self.threshold_index < 0:
+            raise ValueError(f"{where}: threshold_index must be >= 0")
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
+            raise ValueError(f"{where}: num_speculative_tokens must be >= 0")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"{where}: sha256 must be 64 lowercase hex digits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +73,7 @@ class ModelSource:
     threads: int = 0  # CPU threads; 0 keeps torch's choice
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autojudge")
     model_name: str | None = None  # served model id; default: the target file or directory name
+    profiles: tuple[ProfileSpec, ...] | None = None  # None: `default_profiles` from `heads`
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,38 +91,82 @@ class LoadedEngine:
     summary: str  # one line: what was loaded
 
 
-def load_judge(
-    heads: str, pair: str, custom_target: bool, target: LoadedModel, draft: Decoder | None, device: str
-) -> HeadJudge:
-    """The heads of every profile, checked against the loaded pair; no heads leaves only `lossless`."""
-    if heads == "none" or draft is None:
-        return HeadJudge({})
+def default_profiles(heads: str, pair: str, custom_target: bool, has_draft: bool) -> tuple[ProfileSpec, ...]:
+    """`lossless`, plus one profile per head directory of `heads` at the head's default τ."""
+    lossless = ProfileSpec(LOSSLESS, description=LOSSLESS_DESCRIPTION)
+    if heads == "none" or not has_draft:
+        return (lossless,)
     shipped = heads == "shipped"
     directory = SHIPPED_HEADS / pair if shipped else Path(heads)
     if shipped and (custom_target or not directory.is_dir()):
-        return HeadJudge({})  # the shipped heads fit the named pairs only
-    fingerprint = pair_fingerprint(target.model, draft, tokenizer_fingerprint(target.tokenizer))
-    return HeadJudge(load_heads(directory, fingerprint), device=device)
+        return (lossless,)  # the shipped heads fit the named pairs only
+    if not directory.is_dir():
+        raise FileNotFoundError(f"judge head directory {directory} does not exist")
+    found = sorted(d for d in directory.iterdir() if (d / METADATA).is_file())
+    return (lossless, *(ProfileSpec(d.name, d, description=f"judge head {d.name}, default τ") for d in found))
 
 
-def profile_infos(heads: Mapping[str, JudgeHead]) -> tuple[ProfileInfo, ...]:
-    """`lossless` first, then one profile per head with its default τ and threshold tables."""
-    infos = [ProfileInfo(LOSSLESS, 0.0)]
-    for name in sorted(heads):
-        head = heads[name]
-        rows = head.meta.get("fit", {}).get("thresholds", [])
-        table = tuple({k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in rows)
-        infos.append(
-            ProfileInfo(
-                name=name,
-                judge_threshold=head.default_threshold,
-                head_sha256=head.meta.get("tensors_sha256"),
-                layout=head.layout,
-                thresholds=tuple(float(t) for t in head.thresholds.tolist()),
-                threshold_table=table,
-            )
-        )
-    return tuple(infos)
+def load_profiles(
+    specs: Sequence[ProfileSpec], expected_pair: dict[str, Any] | None, device: str
+) -> tuple[HeadJudge, tuple[ProfileInfo, ...]]:
+    """Load and check each profile's head (pair fingerprint, sha256, τ); `lossless` is always served, first.
+    `expected_pair` None means no draft is loaded, so no head can serve."""
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate profile names in {names}")
+    if LOSSLESS not in names:
+        specs = [ProfileSpec(LOSSLESS, description=LOSSLESS_DESCRIPTION), *specs]
+    heads: dict[str, JudgeHead] = {}
+    infos = []
+    for spec in sorted(specs, key=lambda s: s.name != LOSSLESS):
+        if spec.judge_head is None:
+            infos.append(ProfileInfo(LOSSLESS, 0.0, num_speculative_tokens=spec.num_speculative_tokens,
+                                     description=spec.description))  # fmt: skip
+            continue
+        if expected_pair is None:
+            raise ValueError(f"profile {spec.name!r} has a judge head, but no draft model is loaded")
+        heads[spec.name] = head = load_head(spec.judge_head, expected_pair)
+        infos.append(profile_info(spec, head))
+    return HeadJudge(heads, device=device), tuple(infos)
+
+
+def profile_info(spec: ProfileSpec, head: JudgeHead) -> ProfileInfo:
+    where = f"profile {spec.name!r} (head {spec.judge_head})"
+    sha = head.meta.get("tensors_sha256")
+    if spec.sha256 is not None and spec.sha256 != sha:
+        raise ValueError(f"{where}: the head's sha256 is {sha}, the profile expects {spec.sha256}")
+    quantiles = tuple(float(t) for t in head.thresholds.tolist())
+    tau = head.default_threshold if spec.judge_threshold is None else spec.judge_threshold
+    if spec.threshold_index is not None:
+        if spec.threshold_index >= len(quantiles):
+            raise ValueError(f"{where}: threshold_index must be < {len(quantiles)}, got {spec.threshold_index}")
+        tau = quantiles[spec.threshold_index]
+    rows = head.meta.get("fit", {}).get("thresholds", [])
+    return ProfileInfo(
+        name=spec.name,
+        judge_threshold=tau,
+        head_sha256=sha,
+        layout=head.layout,
+        num_speculative_tokens=spec.num_speculative_tokens,
+        description=spec.description,
+        thresholds=quantiles,
+        threshold_table=tuple({k: float(v) for k, v in row.items() if isinstance(v, int | float)} for row in rows),
+    )
+
+
+def judge_fingerprint(target: LoadedModel, draft: Decoder | None) -> dict[str, Any] | None:
+    """What a head must have been fitted for; None without a draft (nothing to judge)."""
+    if draft is None:
+        return None
+    return pair_fingerprint(target.model, draft, tokenizer_fingerprint(target.tokenizer))
+
+
+def load_judge(
+    heads: str, pair: str, custom_target: bool, target: LoadedModel, draft: Decoder | None, device: str
+) -> HeadJudge:
+    """The heads of the default profiles (see `default_profiles`), checked against the loaded pair."""
+    specs = default_profiles(heads, pair, custom_target, draft is not None)
+    return load_profiles(specs, judge_fingerprint(target, draft), device)[0]
 
 
 def build_engine(
@@ -107,7 +186,8 @@ def build_engine(
         device=torch.device(device),
         cache_dir=source.cache_dir,
     )
-    judge = load_judge(source.heads, source.pair, bool(source.target), target, draft, device)
+    specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
+    judge, profiles = load_profiles(specs, judge_fingerprint(target, draft), device)
     tokenizer = target.tokenizer
     engine = Engine(
         config,
@@ -120,11 +200,11 @@ def build_engine(
         device=device,
     )
     name = source.model_name or Path(target.source).name.removesuffix(".gguf")
-    info = engine_info(engine, name, None if draft is None else source.draft, profile_infos(judge.heads))
+    info = engine_info(engine, name, None if draft is None else source.draft, profiles)
     seconds = time.perf_counter() - start
-    profiles = ", ".join(p.name for p in info.profiles)
+    served = ", ".join(f"{p.name} (τ={p.judge_threshold:.4g}, head {(p.head_sha256 or '-')[:12]})" for p in profiles)
     summary = (
-        f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{profiles}], "
+        f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{served}], "
         f"{source.dtype} on {device}, {config.cache.max_slots} slots x {config.cache.max_model_len} tokens"
     )
     return LoadedEngine(AsyncEngine(engine, info), tokenizer, info, seconds, summary)

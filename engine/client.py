@@ -28,12 +28,14 @@ class EngineShutdownError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class ProfileInfo:
-    """A task profile as loaded: its head (None for `lossless`) and default threshold τ."""
+    """A task profile as loaded: its head (None for `lossless`), default threshold τ and default window W."""
 
     name: str
     judge_threshold: float
     head_sha256: str | None = None
     layout: str | None = None
+    num_speculative_tokens: int | None = None  # None: the engine's default window
+    description: str = ""
     thresholds: tuple[float, ...] = ()  # the head's validation-score quantiles, ascending
     threshold_table: tuple[Mapping[str, float], ...] = ()  # per quantile: accept fraction, recall, ...
 

@@ -117,7 +117,7 @@ def profile_list(ctx: Context) -> list[dict[str, Any]]:
     for p in ctx.profiles.profiles.values():
         entry = asdict(p)
         entry["threshold_table"] = [dict(row) for row in p.threshold_table]
-        entry["num_speculative_tokens"] = ctx.profiles.default_width
+        entry["num_speculative_tokens"] = ctx.profiles.default_width(p)
         entry["default"] = p.name == ctx.profiles.default
         out.append(entry)
     return out

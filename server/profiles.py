@@ -20,15 +20,22 @@ class Resolved:
 class ProfileTable:
     profiles: dict[str, ProfileInfo]
     default: str
-    default_width: int
+    server_width: int  # window W of profiles that set none
     max_width: int
     can_speculate: bool  # a draft is loaded
 
     @classmethod
     def from_info(cls, info: EngineInfo, default: str = LOSSLESS) -> ProfileTable:
+        """Refuses, at start-up, a default profile that is not loaded and a profile window beyond the limit."""
         profiles = {p.name: p for p in info.profiles}
         if default not in profiles:
             raise ValueError(f"default profile {default!r} is not loaded; loaded: {', '.join(profiles)}")
+        for p in info.profiles:
+            if (p.num_speculative_tokens or 0) > info.max_speculative_tokens:
+                raise ValueError(
+                    f"profile {p.name!r}: num_speculative_tokens {p.num_speculative_tokens} exceeds "
+                    f"max_speculative_tokens {info.max_speculative_tokens}"
+                )
         return cls(
             profiles,
             default,
@@ -49,7 +56,7 @@ class ProfileTable:
         if profile is None:
             known = ", ".join(self.profiles)
             raise bad_request(f"unknown task_profile {name!r}; known profiles: {known}", "task_profile")
-        width = self.default_width if num_speculative_tokens is None else num_speculative_tokens
+        width = self.default_width(profile) if num_speculative_tokens is None else num_speculative_tokens
         if width > self.max_width:
             raise bad_request(
                 f"num_speculative_tokens must be in [0, {self.max_width}], got {width}", "num_speculative_tokens"
@@ -58,3 +65,9 @@ class ProfileTable:
         tau = profile.judge_threshold if judge_threshold is None else judge_threshold
         spec = SpecParams(enabled=enabled, num_speculative_tokens=width, profile=name, judge_threshold=tau)
         return Resolved(spec, width if enabled else 0, profile.head_sha256)
+
+    def default_width(self, profile: ProfileInfo) -> int:
+        """The profile's own window, else the server's; 0 without a draft."""
+        if not self.can_speculate:
+            return 0
+        return self.server_width if profile.num_speculative_tokens is None else profile.num_speculative_tokens

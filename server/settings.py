@@ -12,9 +12,19 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from engine import DTYPES, CacheConfig, EngineConfig, ModelSource, SchedulerConfig, SpecConfig
+from engine import DTYPES, CacheConfig, EngineConfig, ModelSource, ProfileSpec, SchedulerConfig, SpecConfig
 
 ENV_PREFIX = "AUTOJUDGE_"
+SPEC_METRICS = ("none", "summary", "detailed")
+PROFILE_KEYS: dict[str, type] = {
+    "name": str,
+    "judge_head": str,
+    "sha256": str,
+    "judge_threshold": float,
+    "threshold_index": int,
+    "num_speculative_tokens": int,
+    "description": str,
+}
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -30,6 +40,8 @@ class Settings:
     request_timeout: float = _opt(600.0, "seconds a request may run before it is aborted")
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on shutdown")
     default_profile: str = _opt("lossless", "task profile of requests that name none")
+    profiles: str | None = _opt(None, "task profiles file (TOML or JSON); default: lossless + one per head in heads")
+    spec_metrics: str = _opt("summary", "none | summary | detailed: per-request stats of requests that ask none")
     log_level: str = _opt("info", "debug | info | warning | error")
     pair: str = _opt("smollm2", "named model pair: smollm2 | qwen-coder")
     target: str | None = _opt(None, "target checkpoint: a Hugging Face directory or .gguf file (overrides pair)")
@@ -56,6 +68,8 @@ class Settings:
             raise ValueError("request_timeout must be > 0 and shutdown_timeout >= 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.spec_metrics not in SPEC_METRICS:
+            raise ValueError(f"spec_metrics must be one of {', '.join(SPEC_METRICS)}")
 
     def model_source(self) -> ModelSource:
         return ModelSource(
@@ -68,6 +82,7 @@ class Settings:
             threads=self.threads,
             cache_dir=Path(self.cache_dir),
             model_name=self.served_model_name,
+            profiles=read_profiles_file(Path(self.profiles)) if self.profiles else None,
         )
 
     def engine_config(self) -> EngineConfig:
@@ -101,17 +116,53 @@ def load_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Set
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    return {str(k).replace("-", "_"): v for k, v in read_table(path, "config").items()}
+
+
+def read_table(path: Path, kind: str) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
     if path.suffix == ".toml":
         data = tomllib.loads(path.read_text())
     elif path.suffix == ".json":
         data = json.loads(path.read_text())
     else:
-        raise ValueError(f"config file {path} must be .toml or .json")
+        raise ValueError(f"{kind} file {path} must be .toml or .json")
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a table of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        raise ValueError(f"{kind} file {path} must hold a table")
+    return data
+
+
+def read_profiles_file(path: Path) -> tuple[ProfileSpec, ...]:
+    """`[[profiles]]` tables (TOML) or `{"profiles": [...]}` (JSON), keys as `PROFILE_KEYS`; a relative
+    `judge_head` is taken from the file's directory."""
+    data = read_table(path, "profiles")
+    entries = data.get("profiles")
+    if set(data) != {"profiles"} or not isinstance(entries, list) or not entries:
+        raise ValueError(f"profiles file {path} must hold one non-empty `profiles` list and nothing else")
+    return tuple(profile_spec(entry, path, i) for i, entry in enumerate(entries))
+
+
+def profile_spec(entry: Any, path: Path, index: int) -> ProfileSpec:
+    where = f"{path}: profiles[{index}]"
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ValueError(f"{where} must be a table with a name")
+    unknown = set(entry) - set(PROFILE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        kind = PROFILE_KEYS[key]
+        number = kind is float and isinstance(value, int)
+        if isinstance(value, bool) or not (isinstance(value, kind) or number):
+            raise ValueError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+        values[key] = float(value) if kind is float else value
+    if "judge_head" in values:
+        values["judge_head"] = path.parent / values["judge_head"]
+    try:
+        return ProfileSpec(**values)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def coerce(name: str, value: Any, hint: Any) -> Any:
