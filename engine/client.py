@@ -114,8 +114,13 @@ class EngineClient(Protocol):
 
     def stop_accepting(self) -> None: ...
 
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, let in-flight requests finish for up to `timeout` seconds, then fail the rest with
+        EngineShutdownError (their slots are freed). The engine keeps running."""
+        ...
+
     async def shutdown(self, timeout: float) -> None:
-        """Stop admitting, let in-flight requests finish for up to `timeout` seconds, abort the rest, stop."""
+        """`drain(timeout)`, then stop the engine."""
         ...
 
     def health(self) -> Health: ...
@@ -176,7 +181,7 @@ class AsyncEngine:
     def stop_accepting(self) -> None:
         self._accepting = False
 
-    async def shutdown(self, timeout: float) -> None:
+    async def drain(self, timeout: float) -> None:
         self._accepting = False
         if self._streams:
             with contextlib.suppress(TimeoutError):
@@ -184,6 +189,9 @@ class AsyncEngine:
         for request_id, stream in list(self._streams.items()):
             stream.put(EngineShutdownError("the server shut down before the request finished"))
             self.abort(request_id)
+
+    async def shutdown(self, timeout: float) -> None:
+        await self.drain(timeout)
         with self._lock:
             self._stop = True
         self._wake.set()

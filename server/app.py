@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import importlib.metadata
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import EngineClient
 from server.errors import APIError, bad_request, install_handlers, to_api_error
-from server.generation import Context, serve
+from server.generation import Context, serve, warm_up
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.profiles import ProfileTable
 from server.schemas import ChatBody, CompletionBody, GenerationBody
@@ -25,6 +26,8 @@ from server.settings import Settings
 from server.text import Tokenizer
 
 MAX_REQUEST_ID = 128
+
+log = logging.getLogger("autojudge.server")
 
 
 def create_app(
@@ -44,6 +47,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await client.start()
+        seconds = await warm_up(ctx)
+        log.info("warm-up generation (profile %s) took %.2f s", ctx.profiles.default, seconds)
         yield
         await client.shutdown(settings.shutdown_timeout)
 

@@ -3,6 +3,7 @@ engine's `build_engine` -> `create_app` -> uvicorn, with a graceful shutdown on 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -20,15 +21,32 @@ log = logging.getLogger("autojudge.server")
 
 
 class GracefulServer(uvicorn.Server):
-    """Stops admitting at the first signal, so new requests get 503 while in-flight ones finish."""
+    """The first SIGINT/SIGTERM stops admitting: new requests get 503 and /ready turns 503 while the listener
+    stays open, in-flight requests get up to `drain_timeout` seconds to finish and the rest are aborted (a
+    stream ends with an error event and [DONE]); then uvicorn closes connections and runs the lifespan shutdown.
+    A further signal is uvicorn's: stop waiting, and on a third SIGINT force the exit."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient) -> None:
+    def __init__(self, config: uvicorn.Config, client: EngineClient, drain_timeout: float) -> None:
         super().__init__(config)
         self.client = client
+        self.drain_timeout = drain_timeout
+        self.draining = False
+        self.drained: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
         self.client.stop_accepting()
-        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        # NOTE: the drain starts here, on the event loop, rather than in the signal handler.
+        if self.draining and self.drained is None:
+            log.info("draining: up to %.1f s for in-flight requests", self.drain_timeout)
+            self.drained = asyncio.create_task(self.client.drain(self.drain_timeout))
+        should_exit = await super().on_tick(counter)
+        return should_exit or (self.drained is not None and self.drained.done())
 
 
 def serve(settings: Settings) -> None:
@@ -50,7 +68,10 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=max(int(settings.shutdown_timeout), 1),
     )
     log.info("serving %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
-    GracefulServer(config, loaded.client).run()
+    server = GracefulServer(config, loaded.client, settings.shutdown_timeout)
+    server.run()
+    if not server.started:  # uvicorn logged why (port in use, warm-up failed) and returned
+        raise RuntimeError("the server did not start")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         serve(settings)
     except KeyboardInterrupt:
-        return 0  # uvicorn re-raises SIGINT after its graceful shutdown has completed
+        return 0  # uvicorn re-raises a second SIGINT once its shutdown has completed
     except Exception as e:  # a start-up failure (missing model, bad head, no memory): say what, exit non-zero
         log.error("start-up failed: %s: %s", type(e).__name__, e)
         return 2

@@ -27,8 +27,9 @@ Derived ratios, `[$i]` = `[$__rate_interval]`:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -66,6 +67,7 @@ class ServerMetrics:
     def __init__(self, info: EngineInfo, clock: Callable[[], float] = time.perf_counter) -> None:
         self.model_name = info.model_name
         self.clock = clock
+        self._muted = False
         # `*_created` series double the output and no dashboard reads them (vLLM turns them off too).
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = r = CollectorRegistry()
@@ -175,11 +177,23 @@ class ServerMetrics:
             if p.head_sha256 is not None:
                 self.head_info.labels(p.name, p.layout or "", p.head_sha256).set(1)
 
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Engine steps inside are not observed: the start-up warm-up is not traffic. Exact when nothing else
+        runs meanwhile, since a request's last step is observed before its final output is delivered."""
+        self._muted = True
+        try:
+            yield
+        finally:
+            self._muted = False
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     def observe_step(self, stats: StepStats) -> None:
         """Engine thread; prometheus_client is thread-safe."""
+        if self._muted:
+            return
         name = self.model_name
         self.step_seconds.labels(name).observe(stats.seconds_step)
         self.running.labels(name).set(stats.num_running)

@@ -296,6 +296,27 @@ def test_info_routes(target, draft):
     assert r["/version"].json()["judge_heads"] == {"math": "ab" * 32}
 
 
+def test_start_up_warms_the_engine_before_ready_and_keeps_it_out_of_the_metrics(target, draft, caplog):
+    s = build_app(target, draft)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=s.app), base_url="http://test") as http:
+            before = await http.get("/ready")
+            with caplog.at_level("INFO", logger="autojudge.server"):
+                async with s.app.router.lifespan_context(s.app):
+                    steps, busy = s.gate.steps, s.engine.has_unfinished()
+                    ready = await http.get("/ready")
+                    metrics = (await http.get("/metrics")).text
+            return before, steps, busy, ready, metrics
+
+    before, steps, busy, ready, metrics = run(scenario)
+    assert before.status_code == 503 and ready.status_code == 200
+    assert steps > 0 and not busy and s.engine.num_free_slots == 4
+    assert sample(metrics, "autojudge_spec_decode_num_drafts_total", model_name=MODEL) == 0
+    assert sample(metrics, "autojudge_engine_step_seconds_count", model_name=MODEL) == 0
+    assert any("warm-up generation (profile lossless) took" in r.getMessage() for r in caplog.records)
+
+
 def test_default_profile_can_be_chosen_by_the_operator(target, draft):
     async def scenario():
         async with served(target, draft, Settings(default_profile="math"), heads=True) as (http, _):

@@ -1,12 +1,13 @@
 """A real uvicorn on loopback with a tiny engine: the official `openai` client, streaming and not; 16 concurrent
 greedy streams equal 16 sequential requests; a client that disconnects, mid-stream or while waiting for a plain
-response, frees its slot at once."""
+response, frees its slot at once; a graceful shutdown with a stream in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import openai
 import pytest
 import uvicorn
 
+from server.main import GracefulServer
 from server.settings import Settings
 from test_client import one_torch_thread, wait_for  # noqa: F401 (an autouse fixture)
 from test_server_api import MODEL, PROMPT, Served, build_app, sample
@@ -23,10 +25,14 @@ from test_server_api import MODEL, PROMPT, Served, build_app, sample
 KEY = "test-key"
 
 
+def loopback(s: Served) -> uvicorn.Config:
+    return uvicorn.Config(s.app, host="127.0.0.1", port=0, log_level="warning")
+
+
 @contextlib.contextmanager
-def running(s: Served) -> Iterator[str]:
+def running(s: Served, server: uvicorn.Server | None = None) -> Iterator[str]:
     """Serve the app on a free loopback port in a thread (lifespan included); yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(s.app, host="127.0.0.1", port=0, log_level="warning"))
+    server = server or uvicorn.Server(loopback(s))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -152,3 +158,34 @@ def test_disconnect_while_waiting_for_a_plain_completion_aborts_it(target, draft
     assert sample(metrics, "autojudge_request_success_total", finished_reason="abort", **labels) == 1
     assert sample(metrics, "autojudge_request_success_total", finished_reason="length", **labels) == 0
     assert sample(metrics, "http_requests_total", handler="/v1/completions", status="499") == 1
+
+
+@pytest.mark.parametrize("in_time", [True, False], ids=["stream-finishes", "deadline-aborts"])
+def test_graceful_shutdown_with_a_stream_in_flight(target, draft, in_time):
+    s = build_app(target, draft, Settings())
+    server = GracefulServer(loopback(s), s.client, drain_timeout=60 if in_time else 0.01)
+    with running(s, server) as url:
+        s.gate.hold_after(1)  # the stream stays in flight until the test lets the engine go on
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            first = next(lines)
+            server.handle_exit(signal.SIGTERM, None)
+            if in_time:  # the deadline is far: new work is refused while the listener stays open
+                refused = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+                ready, health = httpx.get(f"{url}/ready"), httpx.get(f"{url}/health")
+                s.gate.release()
+            rest = list(lines)
+        wait_for(lambda: not any(srv.is_serving() for srv in server.servers))  # it closes on its own, drained
+        s.gate.release()
+    assert '"text"' in first and rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2].removeprefix("data: "))
+    if in_time:
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error"
+        assert ready.status_code == 503 and health.status_code == 200
+        assert last["choices"][0]["finish_reason"] == "length"
+        assert all("error" not in line for line in rest)
+    else:
+        assert last["error"]["type"] == "overloaded_error" and "shut down" in last["error"]["message"]
+    assert not s.engine.has_unfinished() and s.engine.num_free_slots == 4
+    assert s.client.health().num_requests == 0 and not s.client.health().accepting
