@@ -92,7 +92,7 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        return self._final(seq, [])
+        return self._final(seq, [], None)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -228,6 +228,7 @@ class Engine:
             if extra is not None:
                 new_ids = [*new_ids, extra]
             kept = self.scheduler.commit(seq, new_ids, n, proposal.fed_end[b])
+            cycle = None
             if w:
                 judged = mismatch_seen[b][min(n, w - 1)] if (tau_on[b] and mismatch_seen) else 0
                 cycle = SpecCounts(
@@ -242,7 +243,7 @@ class Engine:
                 )
                 seq.counts = seq.counts.merge(cycle)
                 rows.append(RowCycleStats(seq.request_id, seq.request.spec.profile, cycle, len(kept)))
-            outputs.append(self._final(seq, kept) if seq.finish_reason else self._partial(seq, kept))
+            outputs.append(self._final(seq, kept, cycle) if seq.finish_reason else self._partial(seq, kept, cycle))
         return outputs, rows
 
     def _extra_token(
@@ -261,16 +262,17 @@ class Engine:
         return sample(q, seq.generator)
 
     # --- outputs --------------------------------------------------------------------------------------
-    def _partial(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    def _partial(self, seq: Sequence, new_ids: list[int], cycle: SpecCounts | None) -> RequestOutput:
         return RequestOutput(
             seq.request_id,
             new_ids,
             False,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            cycle=cycle,
         )
 
-    def _final(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    def _final(self, seq: Sequence, new_ids: list[int], cycle: SpecCounts | None) -> RequestOutput:
         return RequestOutput(
             seq.request_id,
             new_ids,
@@ -280,6 +282,7 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             spec=seq.counts if seq.num_speculative else None,
+            cycle=cycle,
         )
 
     def _kv_usage(self) -> float:

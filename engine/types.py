@@ -120,6 +120,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     spec: SpecCounts | None = None
+    cycle: SpecCounts | None = None  # this step's speculation cycle (num_spec_steps == 1); None if it drafted none
 
 
 @dataclass(frozen=True, slots=True)

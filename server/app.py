@@ -42,6 +42,7 @@ def create_app(
         ProfileTable.from_info(info, settings.default_profile),
         metrics,
         settings.request_timeout,
+        settings.spec_metrics,
     )
 
     @asynccontextmanager

@@ -14,7 +14,16 @@ from typing import Any, TypeVar
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine import EngineClient, EngineInfo, EngineShutdownError, Request, RequestOutput, RequestStream, SamplingParams
+from engine import (
+    EngineClient,
+    EngineInfo,
+    EngineShutdownError,
+    Request,
+    RequestOutput,
+    RequestStream,
+    SamplingParams,
+    SpecCounts,
+)
 from server.errors import APIError, bad_request, to_api_error
 from server.metrics import RequestTracker, ServerMetrics
 from server.profiles import ProfileTable, Resolved
@@ -37,6 +46,7 @@ class Context:
     profiles: ProfileTable
     metrics: ServerMetrics
     request_timeout: float
+    spec_metrics: str = "summary"  # of requests that ask for none
     clock: Callable[[], float] = time.perf_counter
 
 
@@ -57,6 +67,7 @@ class Job:
     num_output: int = 0
     finish_reason: str | None = None
     final: RequestOutput | None = None
+    cycles: list[SpecCounts] | None = None  # each speculation cycle, kept for "detailed" stats only
     ended: bool = field(default=False)
 
     def end(self, reason: str) -> None:
@@ -140,6 +151,7 @@ async def serve(
         ctx.metrics.track(resolved.spec.profile, num_prompt),
         f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         int(time.time()),
+        cycles=[] if (body.spec_metrics or ctx.spec_metrics) == "detailed" else None,
     )
     job.stream = await ctx.client.generate(request)  # a refusal is answered (429, 503, ...), not recorded
     if body.stream:
@@ -198,6 +210,8 @@ async def outputs(job: Job) -> AsyncIterator[tuple[str, RequestOutput]]:
             return
         if out.new_token_ids:
             job.tracker.on_tokens()
+        if job.cycles is not None and out.cycle is not None:
+            job.cycles.append(out.cycle)
         job.num_output = out.num_output_tokens
         if out.finished:
             job.finish_reason, job.final = out.finish_reason, out
@@ -283,13 +297,13 @@ def final_usage(job: Job) -> dict[str, int]:
 
 
 def metrics_block(job: Job) -> dict[str, Any] | None:
-    if job.body.spec_metrics == "none":
+    if (job.body.spec_metrics or job.ctx.spec_metrics) == "none":
         return None
     counts = job.final.spec if job.final is not None else None
     spec = job.resolved.spec
     width = job.resolved.width
     return {
-        "speculative_decoding": speculative_decoding(counts, width) if counts is not None else None,
+        "speculative_decoding": speculative_decoding(counts, width, job.cycles) if counts is not None else None,
         "judge": judge_block(
             counts,
             spec.profile,

@@ -60,7 +60,7 @@ class GenerationBody(BaseModel):
     judge_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     num_speculative_tokens: Annotated[int, Field(ge=0)] | None = None
     speculative: bool | None = None
-    spec_metrics: Literal["none", "summary"] | None = None
+    spec_metrics: Literal["none", "summary", "detailed"] | None = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
@@ -120,13 +120,14 @@ def usage(num_prompt: int, num_output: int) -> dict[str, int]:
     return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output}
 
 
-def speculative_decoding(counts: SpecCounts, width: int) -> dict[str, Any]:
-    """vLLM's per-request schema; mean acceptance length is `1 + accepted / cycles` (vLLM's definition)."""
+def speculative_decoding(counts: SpecCounts, width: int, cycles: list[SpecCounts] | None) -> dict[str, Any]:
+    """vLLM's per-request schema; mean acceptance length is `1 + accepted / cycles` (vLLM's definition). With
+    `cycles` ("detailed"), the accepted and drafted counts of each cycle too."""
     steps = counts.num_spec_steps
     # accepted_per_pos[i] counts cycles that kept draft i, i.e. that accepted more than i drafts.
     at_least = [steps, *counts.accepted_per_pos[:width], 0]
     at_least += [0] * (width + 2 - len(at_least))
-    return {
+    out: dict[str, Any] = {
         "num_spec_steps": steps,
         "num_draft_tokens": counts.num_draft_tokens,
         "num_accepted_draft_tokens": counts.num_accepted_tokens,
@@ -134,6 +135,10 @@ def speculative_decoding(counts: SpecCounts, width: int) -> dict[str, Any]:
         "mean_acceptance_length": 1 + counts.num_accepted_tokens / steps if steps else 0.0,
         "acceptance_histogram": [at_least[j] - at_least[j + 1] for j in range(width + 1)],
     }
+    if cycles is not None:
+        out["per_step_accepted"] = [c.num_accepted_tokens for c in cycles]
+        out["per_step_drafted"] = [c.num_draft_tokens for c in cycles]
+    return out
 
 
 def judge_block(

@@ -246,6 +246,46 @@ def test_judge_profile_accepts_mismatches_and_reports_them(target, draft):
     check_spec_metrics(accept_all["metrics"], 40)
 
 
+def test_detailed_spec_metrics_list_each_cycle_and_none_drops_the_block(target, draft):
+    async def scenario():
+        async with served(target, draft, heads=True) as (http, _):
+            body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "task_profile": "math"}
+            detailed = (await http.post("/v1/completions", json=body | {"spec_metrics": "detailed"})).json()
+            opts = {"spec_metrics": "detailed", "stream": True, "stream_options": {"include_usage": True}}
+            streamed = sse_events((await http.post("/v1/completions", json=body | opts)).text)
+            summary = (await http.post("/v1/completions", json=body)).json()
+            none = (await http.post("/v1/completions", json=body | {"spec_metrics": "none"})).json()
+            return detailed, streamed, summary, none
+
+    detailed, streamed, summary, none = run(scenario)
+    assert streamed[-2]["metrics"] == detailed["metrics"]
+    sd = dict(detailed["metrics"]["speculative_decoding"])
+    accepted, drafted = sd.pop("per_step_accepted"), sd.pop("per_step_drafted")
+    assert sd == summary["metrics"]["speculative_decoding"]  # the summary fields are unchanged
+    assert len(accepted) == len(drafted) == sd["num_spec_steps"]
+    assert sum(accepted) == sd["num_accepted_draft_tokens"] and sum(drafted) == sd["num_draft_tokens"]
+    assert all(0 <= a <= d <= 4 for a, d in zip(accepted, drafted, strict=True))
+    assert [accepted.count(j) for j in range(5)] == sd["acceptance_histogram"]
+    assert "metrics" not in none and none["choices"] == summary["choices"]
+    assert "per_step_accepted" not in summary["metrics"]["speculative_decoding"]
+
+
+@pytest.mark.parametrize("level", ["none", "detailed"])
+def test_spec_metrics_default_is_a_server_setting(target, draft, level):
+    async def scenario():
+        async with served(target, draft, Settings(spec_metrics=level)) as (http, _):
+            body = {"prompt": PROMPT, "max_tokens": 8}
+            default = (await http.post("/v1/completions", json=body)).json()
+            asked = (await http.post("/v1/completions", json=body | {"spec_metrics": "summary"})).json()
+            return default, asked
+
+    default, asked = run(scenario)
+    assert ("metrics" in default) == (level == "detailed")
+    if level == "detailed":
+        assert "per_step_drafted" in default["metrics"]["speculative_decoding"]
+    assert "per_step_drafted" not in asked["metrics"]["speculative_decoding"]
+
+
 def test_stop_strings_cut_the_text_streaming_and_not(target, draft):
     full = reference_text(target, draft, TOKENIZER.encode(PROMPT), 40)
     stop = full[10:13]
@@ -368,7 +408,7 @@ BAD_BODIES = [
     ("min_p", OK | {"min_p": 0.1}, "min_p", "unsupported_parameter"),
     ("tools", OK | {"tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
     ("json mode", OK | {"response_format": {"type": "json_object"}}, "response_format", None),
-    ("detailed spec metrics", OK | {"spec_metrics": "detailed"}, "spec_metrics", None),
+    ("unknown spec metrics", OK | {"spec_metrics": "full"}, "spec_metrics", None),
 ]
 
 
