@@ -4,7 +4,6 @@ HTTP metrics middleware; the engine client is injected and started/stopped by th
 from __future__ import annotations
 
 import hmac
-import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from server.profiles import ProfileTable
 from server.schemas import ChatBody, CompletionBody, GenerationBody
 from server.settings import Settings
 from server.text import Tokenizer
+from server.version import version_info
 
 MAX_REQUEST_ID = 128
 
@@ -75,15 +75,11 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    about = version_info(info)
+
     @app.get("/version")
     async def version() -> dict[str, Any]:
-        heads = {p.name: p.head_sha256 for p in info.profiles if p.head_sha256}
-        return {
-            "version": importlib.metadata.version("autojudge-server"),
-            "model": info.model_name,
-            "draft": info.draft_name,
-            "judge_heads": heads,
-        }
+        return about
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(settings.api_key))])
 

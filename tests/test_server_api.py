@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import math
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from judge.head import JudgeHead
 from server.app import create_app
 from server.metrics import ServerMetrics
 from server.settings import Settings
+from server.version import CHECKOUT, git_commit
 from test_client import MAX_MODEL_LEN, Gate, async_wait_for, one_torch_thread, tiny_engine  # noqa: F401
 from test_server_text import CharTokenizer
 
@@ -333,7 +335,10 @@ def test_info_routes(target, draft):
     assert r["/v1/profiles"].json()["default"] == "lossless"
     assert set(profiles) == {"lossless", "math"} and profiles["lossless"]["default"]
     assert profiles["math"]["judge_threshold"] == 0.3 and profiles["math"]["head_sha256"] == "ab" * 32
-    assert r["/version"].json()["judge_heads"] == {"math": "ab" * 32}
+    version = r["/version"].json()
+    assert version["judge_heads"] == {"math": "ab" * 32} and version["model"] == MODEL
+    assert version["draft"] == "tiny-draft" and version["git_commit"] == git_commit(CHECKOUT)
+    assert version["version"] == importlib.metadata.version("autojudge-server")
 
 
 def test_start_up_warms_the_engine_before_ready_and_keeps_it_out_of_the_metrics(target, draft, caplog):
