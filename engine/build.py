@@ -46,6 +46,8 @@ class ProfileSpec:
         where = f"profile {self.name!r}"
         if (self.judge_head is None) != (self.name == LOSSLESS):
             raise ValueError(f"{where}: only {LOSSLESS!r} has no judge_head, and it cannot have one")
+        if self.sha256 is not None and self.judge_head is None:
+            raise ValueError(f"{where}: sha256 checks a judge_head, and there is none")
         if self.judge_threshold is not None and self.threshold_index is not None:
             raise ValueError(f"{where}: give judge_threshold or threshold_index, not both")
         if self.name == LOSSLESS and (self.judge_threshold or self.threshold_index is not None):

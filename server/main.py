@@ -67,7 +67,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(int(settings.shutdown_timeout), 1),
     )
-    log.info("serving %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
+    log.info("starting the HTTP server for %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
     server = GracefulServer(config, loaded.client, settings.shutdown_timeout)
     server.run()
     if not server.started:  # uvicorn logged why (port in use, warm-up failed) and returned

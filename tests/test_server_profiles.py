@@ -75,6 +75,7 @@ def test_toml_and_json_profiles_files(tmp_path):
         ({"profiles": [{"name": "m"}]}, "only 'lossless' has no judge_head"),
         ({"profiles": [{"name": "lossless", "judge_head": "h"}]}, "only 'lossless' has no judge_head"),
         ({"profiles": [{"name": "lossless", "judge_threshold": 0.2}]}, "τ = 0"),
+        ({"profiles": [{"name": "lossless", "sha256": "ab" * 32}]}, "there is none"),
         ({"profiles": [{"name": "a b", "judge_head": "h"}]}, "profile name"),
         ({"profiles": [{"name": "m", "judge_head": "h", "sha256": "xyz"}]}, "64 lowercase hex"),
     ],
