@@ -17,13 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import EngineClient
 from server.errors import APIError, bad_request, install_handlers, to_api_error
-from server.generation import Context, serve, warm_up
+from server.generation import Context, serve
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.profiles import ProfileTable
 from server.schemas import ChatBody, CompletionBody, GenerationBody
 from server.settings import Settings
 from server.text import Tokenizer
 from server.version import version_info
+from server.warmup import warm_up
 
 MAX_REQUEST_ID = 128
 
