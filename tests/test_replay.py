@@ -124,5 +124,7 @@ def test_sharing_decodes_fewer_rows_than_jobs(target, draft) -> None:
     head = random_head()
     dec = LockstepDecoder(target, draft, head, eos_token_ids=(), slots=8, max_len=64)
     jobs = [Job(f"{m.label}/{i}", p, m, 30, seed=i) for m in SWEEP for i, p in enumerate(PROMPTS)]
-    traces = dec.run(jobs)
+    done: list[int] = []
+    traces = dec.run(jobs, done.append)
     assert 0 < dec.row_steps < sum(len(t.tokens) for t in traces)
+    assert sum(done) == len(jobs) and all(n > 0 for n in done)

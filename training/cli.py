@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
@@ -259,7 +260,8 @@ def evaluate(argv: Sequence[str]) -> int:
             for i, (pid, ids) in enumerate(prompts.items())
             for m in ms
         ]
-        traces = decoder.run(jobs)
+        with tqdm(total=len(jobs), unit="run", desc=f"{len(ms)} methods x {len(prompts)} problems") as bar:
+            traces = decoder.run(jobs, bar.update)
         return score_traces(traces, by_id, windows, text_outcome, is_correct)
 
     start = time.perf_counter()

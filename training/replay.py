@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -182,8 +183,8 @@ class LockstepDecoder:
         self.row_steps = 0  # rows decoded, summed over steps: the cost the sharing saves
 
     @torch.inference_mode()
-    def run(self, jobs: list[Job]) -> list[Trace]:
-        """Decode every job; traces come back in job order."""
+    def run(self, jobs: list[Job], on_done: Callable[[int], None] | None = None) -> list[Trace]:
+        """Decode every job; traces come back in job order. `on_done(n)` hears of each n jobs finished."""
         for job in jobs:
             if len(job.prompt) + job.max_tokens > self.max_len:
                 raise ValueError(f"{job.job_id}: prompt + max_tokens exceeds max_len={self.max_len}")
@@ -209,6 +210,8 @@ class LockstepDecoder:
                 if branch.tokens[-1] in self.eos or len(branch.tokens) >= branch.max_tokens:
                     for i in branch.jobs:
                         traces[i] = Trace(jobs[i], list(branch.tokens), list(branch.ok), list(branch.mismatch), True)
+                    if on_done is not None:
+                        on_done(len(branch.jobs))
                     branch.jobs = []
             for parent, child in children:
                 if not child.jobs:
