@@ -171,6 +171,28 @@ def load_judge(
     return load_profiles(specs, judge_fingerprint(target, draft), device)[0]
 
 
+def pair_engine(
+    config: EngineConfig,
+    target: LoadedModel,
+    draft: Decoder | None,
+    judge: HeadJudge,
+    on_step: Callable[[StepStats], None] | None,
+    device: str | torch.device,
+) -> Engine:
+    """An `Engine` over a loaded pair, with the target's EOS ids and its tokenizer for stop strings."""
+    tokenizer = target.tokenizer
+    return Engine(
+        config,
+        target.model,
+        draft,
+        judge=judge,
+        eos_token_ids=eos_token_ids(target),
+        detokenize=lambda ids: str(tokenizer.decode(ids)),
+        on_step=on_step,
+        device=device,
+    )
+
+
 def build_engine(
     source: ModelSource, config: EngineConfig, on_step: Callable[[StepStats], None] | None = None
 ) -> LoadedEngine:
@@ -190,17 +212,7 @@ def build_engine(
     )
     specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
     judge, profiles = load_profiles(specs, judge_fingerprint(target, draft), device)
-    tokenizer = target.tokenizer
-    engine = Engine(
-        config,
-        target.model,
-        draft,
-        judge=judge,
-        eos_token_ids=eos_token_ids(target),
-        detokenize=lambda ids: str(tokenizer.decode(ids)),
-        on_step=on_step,
-        device=device,
-    )
+    engine = pair_engine(config, target, draft, judge, on_step, device)
     name = source.model_name or Path(target.source).name.removesuffix(".gguf")
     info = engine_info(engine, name, None if draft is None else source.draft, profiles)
     seconds = time.perf_counter() - start
@@ -209,7 +221,7 @@ def build_engine(
         f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{served}], "
         f"{source.dtype} on {device}, {config.cache.max_slots} slots x {config.cache.max_model_len} tokens"
     )
-    return LoadedEngine(AsyncEngine(engine, info), tokenizer, info, seconds, summary)
+    return LoadedEngine(AsyncEngine(engine, info), target.tokenizer, info, seconds, summary)
 
 
 def engine_info(

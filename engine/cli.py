@@ -20,9 +20,8 @@ import torch
 
 from engine import build
 from engine.config import CacheConfig, EngineConfig, SpecConfig
-from engine.engine import Engine
 from engine.model.decoder import Decoder
-from engine.model.loader import LoadedModel, eos_token_ids
+from engine.model.loader import LoadedModel
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
 from engine.scheduler import QueueFullError
 from engine.spec.judging import HeadJudge
@@ -161,16 +160,7 @@ def generate(argv: Sequence[str] | None = None) -> int:
             bonus_token=not args.no_bonus,
         ),
     )
-    engine = Engine(
-        config,
-        target.model,
-        draft,
-        judge=judge,
-        eos_token_ids=eos_token_ids(target),
-        detokenize=lambda ids: str(tokenizer.decode(ids)),
-        on_step=totals,
-        device=args.device,
-    )
+    engine = build.pair_engine(config, target, draft, judge, totals, args.device)
     sampling = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
