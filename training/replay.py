@@ -260,7 +260,8 @@ class LockstepDecoder:
         q_logits = self.target.logits(h_target[:, 0])  # [B, V]
         t_list = q_logits.argmax(-1).tolist()
         mm = [b for b in range(len(active)) if d_list[b] != t_list[b]]
-        keeps = self._decide(active, jobs, gens, mm, d, q_logits, g_logits, h_target[:, 1], lens) if mm else []
+        decided = self._decide(active, jobs, gens, mm, d, q_logits, g_logits, h_target[:, 1], lens) if mm else []
+        keeps = dict(zip(mm, decided, strict=True))  # branch -> keep d, per job
         forks = []
         for b, branch in enumerate(active):
             branch.cached = lens[b]
@@ -269,7 +270,7 @@ class LockstepDecoder:
                 branch.tokens.append(d_list[b])
                 branch.ok.append(True)
                 continue
-            keep = keeps[mm.index(b)]
+            keep = keeps[b]
             kept = [j for j, k in zip(branch.jobs, keep, strict=True) if k]
             rejected = [j for j, k in zip(branch.jobs, keep, strict=True) if not k]
             if kept and rejected:
