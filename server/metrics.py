@@ -22,6 +22,8 @@ Derived ratios, `[$i]` = `[$__rate_interval]`:
 - TTFT p99: histogram_quantile(0.99, sum by (le)(rate(autojudge_time_to_first_token_seconds_bucket[$i])))
 - TTFT SLO attainment (1 s): sum(rate(autojudge_time_to_first_token_seconds_bucket{le="1.0"}[$i]))
   / sum(rate(autojudge_time_to_first_token_seconds_count[$i]))
+- time split: sum by (phase)(rate(autojudge_engine_phase_seconds_total[$i]))
+  / on() group_left() sum(rate(autojudge_engine_phase_seconds_total[$i]))
 - error ratio: sum(rate(http_requests_total{status=~"5.."}[$i])) / sum(rate(http_requests_total[$i]))
 """
 
@@ -46,6 +48,7 @@ E2E_BUCKETS: tuple[float, ...] = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 
 E2E_BUCKETS += (120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 CYCLE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 33)
 JUDGE_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05)
+PHASES = ("prefill", "draft", "verify", "judge")  # the `StepStats.seconds_*` fields, summing to a step
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -158,6 +161,12 @@ class ServerMetrics:
         self.step_seconds = Histogram(
             "autojudge_engine_step_seconds", "Engine cycle time", m, buckets=ITL_BUCKETS, registry=r
         )
+        self.phase_seconds = Counter(
+            "autojudge_engine_phase_seconds",
+            "Engine time by phase: prefill, draft, verify (target forward and acceptance), judge",
+            [*m, "phase"],
+            registry=r,
+        )
         self.running = Gauge("autojudge_num_requests_running", "Requests in a KV slot", m, registry=r)
         self.waiting = Gauge("autojudge_num_requests_waiting", "Requests waiting for a slot", m, registry=r)
         self.batch_size = Gauge("autojudge_batch_size", "Rows in the last engine step", m, registry=r)
@@ -196,6 +205,8 @@ class ServerMetrics:
             return
         name = self.model_name
         self.step_seconds.labels(name).observe(stats.seconds_step)
+        for phase in PHASES:
+            self.phase_seconds.labels(name, phase).inc(getattr(stats, f"seconds_{phase}"))
         self.running.labels(name).set(stats.num_running)
         self.waiting.labels(name).set(stats.num_waiting)
         self.batch_size.labels(name).set(stats.num_running + len(stats.finished))  # rows of this step

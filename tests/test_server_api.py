@@ -641,6 +641,9 @@ def test_metrics_move_as_a_request_runs_and_reconcile(target, draft):
     http_ok = sample(after, "http_requests_total", handler="/v1/completions", method="POST", status="200")
     assert http_ok == 1
     assert sample(after, "autojudge_engine_step_seconds_count", **model) > 0
+    for phase in ("prefill", "draft", "verify"):
+        assert sample(after, "autojudge_engine_phase_seconds_total", phase=phase, **model) > 0
+    assert f'autojudge_engine_phase_seconds_total{{model_name="{MODEL}",phase="judge"}}' in after
 
 
 def test_metric_labels_stay_bounded(target, draft):
