@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets assets-qwen run generate lint format typecheck test bench mine features train-judge eval clean
+.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench mine features train-judge eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,7 +40,18 @@ format: install
 typecheck: install
 	$(VENV)/bin/mypy engine judge training server
 
-test: install assets lint typecheck
+# Tools the deployment tests run (tests/test_prometheus_live.py, tests/test_deploy_files.py): Debian packages,
+# installed when missing and this is a root shell with apt; elsewhere those tests skip (CI requires them).
+SYSDEPS := prometheus docker-compose
+sysdeps:
+	@missing=""; for t in $(SYSDEPS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "note: missing$$missing (Debian packages); the deployment tests will skip"; fi
+
+test: install assets sysdeps lint typecheck
 	$(PY) -m pytest -q
 
 bench: assets  ## CPU benchmark of docs/benchmark-engine.md

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from judge.io import load_head, pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features
+from training.labelpack import read_packed, unpack_all, write_packed
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
 from training.tasks import is_correct, outcome
@@ -130,6 +132,52 @@ def labels(argv: Sequence[str]) -> int:
         print(
             f"{path}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         )
+    return 0
+
+
+def pack_labels(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="autojudge-train pack-labels", description="Write a label file without its prompts (gzipped)."
+    )
+    p.add_argument("labels", type=Path, help="label file (JSON lines)")
+    p.add_argument("--out", type=Path, required=True, help="packed file (.jsonl.gz)")
+    args = p.parse_args(argv)
+    if not args.labels.is_file():
+        raise FileNotFoundError(f"label file {args.labels} does not exist")
+    n = write_packed(args.out, read_done(args.labels)[0])
+    print(f"packed {n} records -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def unpack_labels(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="autojudge-train unpack-labels",
+        description="Restore a packed label file's prompts from the problems they name (mining then resumes it).",
+    )
+    p.add_argument("packed", type=Path, help="packed file (.jsonl.gz)")
+    p.add_argument("--out", type=Path, required=True, help="label file to write (must not exist)")
+    add_model_flags(p)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_GSM8K_DIR, help="folder of GSM8K train/test.jsonl")
+    args = p.parse_args(argv)
+    if args.out.exists():
+        raise ValueError(f"{args.out} exists; unpack into a new file")
+    packed = read_packed(args.packed)
+    sources = {r["meta"]["source"] for r in packed}
+    problems = {prob.prompt_id: prob for s in sorted(sources) for prob in load_problems(s, data_dir=args.data_dir)}
+    target, _ = load_pair(
+        pair=args.pair, target=args.target, draft="none", dtype=torch.float32, device=torch.device("cpu"),
+        cache_dir=args.cache_dir,
+    )  # fmt: skip
+
+    def prompt_of(prompt_id: str) -> list[int] | None:
+        prob = problems.get(prompt_id)
+        return None if prob is None else prompt_token_ids(target.tokenizer, prob)
+
+    records = unpack_all(packed, prompt_of)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"unpacked {len(records)} records -> {args.out}", file=sys.stderr)
     return 0
 
 
@@ -294,7 +342,15 @@ def evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"mine": mine, "labels": labels, "features": features, "fit": fit, "evaluate": evaluate}
+COMMANDS = {
+    "mine": mine,
+    "labels": labels,
+    "pack-labels": pack_labels,
+    "unpack-labels": unpack_labels,
+    "features": features,
+    "fit": fit,
+    "evaluate": evaluate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
