@@ -50,7 +50,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await client.start()
         seconds = await warm_up(ctx)
-        log.info("warm-up generation (profile %s) took %.2f s", ctx.profiles.default, seconds)
+        log.info("warm-up generation (profiles %s) took %.2f s", ", ".join(ctx.profiles.profiles), seconds)
         yield
         await client.shutdown(settings.shutdown_timeout)
 

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from engine import EngineClient, StepStats, build_engine
 from server.app import create_app
+from server.loading import Deferred
 from server.metrics import ServerMetrics
 from server.settings import Settings, load_settings
 
@@ -21,12 +23,13 @@ log = logging.getLogger("autojudge.server")
 
 
 class GracefulServer(uvicorn.Server):
-    """The first SIGINT/SIGTERM stops admitting: new requests get 503 and /ready turns 503 while the listener
+    """Before the models have loaded (`client` None) a signal is uvicorn's own. After, the first SIGINT/SIGTERM
+    stops admitting: new requests get 503 and /ready turns 503 while the listener
     stays open, in-flight requests get up to `drain_timeout` seconds to finish and the rest are aborted (a
     stream ends with an error event and [DONE]); then uvicorn closes connections and runs the lifespan shutdown.
     A further signal is uvicorn's: stop waiting, and on a third SIGINT force the exit."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, client: EngineClient | None, drain_timeout: float) -> None:
         super().__init__(config)
         self.client = client
         self.drain_timeout = drain_timeout
@@ -34,7 +37,7 @@ class GracefulServer(uvicorn.Server):
         self.drained: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.draining:
+        if self.draining or self.client is None:
             super().handle_exit(sig, frame)
             return
         self.draining = True
@@ -42,7 +45,7 @@ class GracefulServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         # NOTE: the drain starts here, on the event loop, rather than in the signal handler.
-        if self.draining and self.drained is None:
+        if self.draining and self.drained is None and self.client is not None:
             log.info("draining: up to %.1f s for in-flight requests", self.drain_timeout)
             self.drained = asyncio.create_task(self.client.drain(self.drain_timeout))
         should_exit = await super().on_tick(counter)
@@ -50,27 +53,38 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    """Listen at once (503 while loading, see `Deferred`), load the models in a thread, then serve."""
+    failure: list[BaseException] = []
     metrics: list[ServerMetrics] = []  # set once the models are loaded; the engine does not step before
 
     def on_step(stats: StepStats) -> None:
         metrics[0].observe_step(stats)
 
-    log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, settings.draft)
-    loaded = build_engine(settings.model_source(), settings.engine_config(), on_step)
-    log.info("loaded %s in %.1f s", loaded.summary, loaded.seconds)
-    metrics.append(ServerMetrics(loaded.info))
-    app = create_app(loaded.client, settings, loaded.tokenizer, metrics[0])
+    def load() -> ASGIApp:
+        log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, settings.draft)
+        loaded = build_engine(settings.model_source(), settings.engine_config(), on_step)
+        log.info("loaded %s in %.1f s", loaded.summary, loaded.seconds)
+        metrics.append(ServerMetrics(loaded.info))
+        server.client = loaded.client
+        log.info("serving %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
+        return create_app(loaded.client, settings, loaded.tokenizer, metrics[0])
+
+    def on_failure(e: BaseException) -> None:
+        failure.append(e)
+        server.should_exit = True
+
     config = uvicorn.Config(
-        app,
+        Deferred(load, on_failure),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(int(settings.shutdown_timeout), 1),
     )
-    log.info("starting the HTTP server for %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
-    server = GracefulServer(config, loaded.client, settings.shutdown_timeout)
+    server = GracefulServer(config, None, settings.shutdown_timeout)
     server.run()
-    if not server.started:  # uvicorn logged why (port in use, warm-up failed) and returned
+    if failure:
+        raise failure[0]
+    if not server.started:  # uvicorn logged why (port in use) and returned
         raise RuntimeError("the server did not start")
 
 

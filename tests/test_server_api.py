@@ -342,7 +342,7 @@ def test_info_routes(target, draft):
 
 
 def test_start_up_warms_the_engine_before_ready_and_keeps_it_out_of_the_metrics(target, draft, caplog):
-    s = build_app(target, draft)
+    s = build_app(target, draft, heads=True)
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=s.app), base_url="http://test") as http:
@@ -359,7 +359,8 @@ def test_start_up_warms_the_engine_before_ready_and_keeps_it_out_of_the_metrics(
     assert steps > 0 and not busy and s.engine.num_free_slots == 4
     assert sample(metrics, "autojudge_spec_decode_num_drafts_total", model_name=MODEL) == 0
     assert sample(metrics, "autojudge_engine_step_seconds_count", model_name=MODEL) == 0
-    assert any("warm-up generation (profile lossless) took" in r.getMessage() for r in caplog.records)
+    assert any("warm-up generation (profiles lossless, math) took" in r.getMessage() for r in caplog.records)
+    assert sample(metrics, "autojudge_judge_evaluations_total", model_name=MODEL) == 0
 
 
 def test_default_profile_can_be_chosen_by_the_operator(target, draft):
