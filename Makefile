@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench mine features train-judge eval clean
+.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,7 +38,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 typecheck: install
-	$(VENV)/bin/mypy engine judge training server
+	$(VENV)/bin/mypy engine judge training server loadtest
 
 # Tools the deployment tests run (tests/test_prometheus_live.py, tests/test_deploy_files.py): Debian packages,
 # installed when missing and this is a root shell with apt; elsewhere those tests skip (CI requires them).
@@ -56,6 +56,10 @@ test: install assets sysdeps lint typecheck
 
 bench: assets  ## CPU benchmark of docs/benchmark-engine.md
 	$(PY) benchmarks/engine_bench.py $(ARGS)
+
+URL ?= http://127.0.0.1:8000
+loadtest: install  ## load-test the server at URL (start one with `make run` in another terminal): ARGS="--num-requests 64 --concurrency 4"
+	$(PY) -m loadtest --base-url $(URL) $(ARGS)
 
 # --- the judge pipeline (docs/autojudge.md); RUN names the output folder, ARGS adds flags ---------------
 RUN ?= runs
