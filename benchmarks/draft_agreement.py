@@ -295,7 +295,7 @@ def agreement_table(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    default_cache = Path(os.environ.get("AUTOJUDGE_CACHE", Path.home() / ".cache" / "autojudge"))
+    default_cache = Path(os.environ.get("AUTOJUDGE_CACHE_DIR", Path.home() / ".cache" / "autojudge"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache)
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", default="2,4,8", help="draft tokens per cycle for the -k methods")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=GSM8K_TEST)
-    default_cache = os.environ.get("AUTOJUDGE_CACHE", str(Path.home() / ".cache" / "autojudge"))
+    default_cache = os.environ.get("AUTOJUDGE_CACHE_DIR", str(Path.home() / ".cache" / "autojudge"))
     p.add_argument("--cache-dir", type=Path, default=Path(default_cache))
     p.add_argument("--json", type=Path, help="also write every figure (and the output tokens) as JSON here")
     p.add_argument("--skip-costs", action="store_true", help="skip the cost ratios and the logits check")

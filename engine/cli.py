@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=env("DTYPE", "float32"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
-    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE", str(Path.home() / ".cache/autojudge"))))
+    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE_DIR", str(Path.home() / ".cache/autojudge"))))
     p.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
     return p.parse_args(argv)
 

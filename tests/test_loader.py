@@ -362,7 +362,7 @@ def test_qwen_target_requirements_are_pinned() -> None:
 
 @pytest.fixture(scope="session")
 def autojudge_cache() -> Path:
-    return Path(os.environ.get("AUTOJUDGE_CACHE", Path.home() / ".cache" / "autojudge"))
+    return Path(os.environ.get("AUTOJUDGE_CACHE_DIR", Path.home() / ".cache" / "autojudge"))
 
 
 @pytest.mark.embedded

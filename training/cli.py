@@ -42,7 +42,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=env("DRAFT", "int8"), help=DRAFT_CHOICES_HELP)
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
-    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE", str(Path.home() / ".cache/autojudge"))))
+    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE_DIR", str(Path.home() / ".cache/autojudge"))))
 
 
 def add_problem_flags(p: argparse.ArgumentParser, default: str) -> None:

@@ -192,7 +192,7 @@ def prepare_qwen_coder(cache_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.model.assets", description=__doc__)
     parser.add_argument("asset", choices=("smollm2", "qwen-coder"))
-    default_cache = os.environ.get("AUTOJUDGE_CACHE", str(Path.home() / ".cache" / "autojudge"))
+    default_cache = os.environ.get("AUTOJUDGE_CACHE_DIR", str(Path.home() / ".cache" / "autojudge"))
     parser.add_argument("--cache-dir", type=Path, default=Path(default_cache))
     args = parser.parse_args(argv)
     if args.asset == "smollm2":
