@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     work.add_argument("--judge-threshold", type=float, help="extension field, sent only when given")
     work.add_argument("--num-speculative-tokens", type=int, help="extension field, sent only when given")
 
+    slo = p.add_argument_group("goodput: requests/s meeting every SLO given (milliseconds)")
+    slo.add_argument("--slo-ttft-ms", type=float, help="time to first token at most this")
+    slo.add_argument("--slo-tpot-ms", type=float, help="time per output token at most this")
+    slo.add_argument("--slo-e2e-ms", type=float, help="end-to-end latency at most this")
+
     out = p.add_argument_group("output")
     out.add_argument("--out-json", type=Path, help="write the full report (with every request) as JSON")
     out.add_argument("--out-md", type=Path, help="write the report as markdown tables")

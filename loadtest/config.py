@@ -52,6 +52,10 @@ class LoadConfig:
     task_profile: str | None = None
     judge_threshold: float | None = None
     num_speculative_tokens: int | None = None
+    # Goodput SLOs in milliseconds (vLLM bench's `--goodput ttft:... tpot:... e2el:...`); None: not part of it.
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    slo_e2e_ms: float | None = None
     out_json: Path | None = None
     out_md: Path | None = None
     progress: bool = True
@@ -95,7 +99,16 @@ class LoadConfig:
             out.append("--judge-threshold must be in [0, 1]")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             out.append("--num-speculative-tokens must be >= 0")
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                out.append(f"--{name.replace('_', '-')} must be a number of milliseconds > 0")
         return out
+
+    def slos(self) -> dict[str, float]:
+        """The goodput SLOs given, in seconds, keyed like the latency distributions (ttft, tpot, e2e)."""
+        given = {"ttft": self.slo_ttft_ms, "tpot": self.slo_tpot_ms, "e2e": self.slo_e2e_ms}
+        return {k: v / 1000 for k, v in given.items() if v is not None}
 
     def record(self) -> dict[str, Any]:
         """Every setting as JSON values, for the report; the API key itself never leaves the process."""

@@ -51,6 +51,7 @@ def build(run: Run) -> Json:
         },
         "requests": stats.counts(run.results),
         "throughput": stats.throughput(run.results, run.wall),
+        "goodput": stats.goodput(run.results, run.wall, cfg.slos()),
         "latency_s": stats.latency(run.results),
         "errors": stats.errors(run.results),
         "acceptance": stats.acceptance(run.results),
@@ -134,6 +135,10 @@ def markdown(report: Json) -> str:
         [[num(tp["requests_per_s"]), num(tp["output_tokens_per_s"]), num(tp["input_tokens_per_s"]),
           num(tp["total_tokens_per_s"]), tp["output_tokens"], tp["input_tokens"]]],
     )  # fmt: skip
+    if (good := report["goodput"]) is not None:
+        slo = ", ".join(f"{k.upper()} <= {v:g} ms" for k, v in good["slo_ms"].items())
+        lines += ["", f"Goodput ({slo}): {good['requests']} requests, {num(good['requests_per_s'])} requests/s, "
+                      f"{num(good['share_of_requests'], '.1%')} of the measured requests."]  # fmt: skip
     lines += ["", "## Latency (ms, successful requests)", ""]
     rows = []
     for key, label in LATENCIES:
@@ -179,6 +184,8 @@ def summary(report: Json) -> str:
         f"throughput: {num(tp['requests_per_s'])} req/s, {num(tp['output_tokens_per_s'], '.1f')} output tok/s, "
         f"{num(tp['input_tokens_per_s'], '.1f')} input tok/s",
     ]
+    if (good := report["goodput"]) is not None:
+        lines.append(f"goodput: {good['requests']} requests meeting the SLOs, {num(good['requests_per_s'])} req/s")
     for key, label in LATENCIES:
         d = report["latency_s"][key]
         lines.append(f"{label + ' ms':8} mean {ms(d['mean']):>8}  p50 {ms(d['p50']):>8}  p90 {ms(d['p90']):>8}  "

@@ -77,6 +77,25 @@ def throughput(results: Sequence[RequestResult], wall: float) -> Json:
     }
 
 
+def goodput(results: Sequence[RequestResult], wall: float, slos: dict[str, float]) -> Json | None:
+    """Successful requests meeting every SLO given (seconds; keys ttft, tpot, e2e), per second of wall time. A
+    request without the measured quantity (TTFT of a non-streamed one, TPOT of a one-token one) does not meet it."""
+    if not slos:
+        return None
+
+    def meets(r: RequestResult) -> bool:
+        measured = {"ttft": r.ttft, "tpot": r.tpot, "e2e": r.e2e}
+        return r.ok and all((v := measured[k]) is not None and v <= limit for k, limit in slos.items())
+
+    good = sum(meets(r) for r in results)
+    return {
+        "slo_ms": {k: v * 1000 for k, v in slos.items()},
+        "requests": good,
+        "requests_per_s": good / wall if wall > 0 else None,
+        "share_of_requests": good / len(results) if results else None,
+    }
+
+
 def counts(results: Sequence[RequestResult]) -> Json:
     ok = [r for r in results if r.ok]
     sources = Counter(r.output_tokens_source or "unknown" for r in ok)

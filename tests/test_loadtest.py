@@ -140,7 +140,7 @@ def test_acceptance_sums_counts_and_recomputes_the_ratios():
 
 # --- report ----------------------------------------------------------------------------------------------------
 
-REPORT_KEYS = ["config", "run", "requests", "throughput", "latency_s", "errors", "acceptance", "per_request"]
+REPORT_KEYS = ["config", "run", "requests", "throughput", "goodput", "latency_s", "errors", "acceptance", "per_request"]
 
 
 def sample_run(**cfg: Any) -> report.Run:
@@ -180,6 +180,26 @@ def test_report_markdown_and_summary():
     text = report.summary(doc)
     assert text.splitlines()[0].endswith("2 ok, 1 failed (stream_error 1)")
     assert "acceptance: 0.625 of 8 draft tokens" in text
+
+
+def test_goodput_counts_requests_meeting_every_slo_given():
+    results = [
+        ok(0, ttft=0.1, output_tokens=5, e2e=0.5),  # tpot 0.1
+        ok(1, ttft=0.3, output_tokens=5, e2e=0.7),  # ttft over
+        ok(2, ttft=0.1, output_tokens=3, e2e=0.9),  # tpot 0.4 over
+        ok(3, output_tokens=5, e2e=0.4),  # no TTFT measured (not streamed): cannot meet a TTFT SLO
+        RequestResult(4, 14.0, 0.1, "http_500"),
+    ]
+    good = stats.goodput(results, 2.0, {"ttft": 0.2, "tpot": 0.2})
+    assert good == {"slo_ms": {"ttft": 200.0, "tpot": 200.0}, "requests": 1, "requests_per_s": 0.5,
+                    "share_of_requests": 0.2}  # fmt: skip
+    assert stats.goodput(results, 2.0, {"e2e": 0.6})["requests"] == 2
+    assert stats.goodput(results, 2.0, {}) is None
+    cfg = LoadConfig(num_requests=1, slo_ttft_ms=250, slo_e2e_ms=1000)
+    assert cfg.slos() == {"ttft": 0.25, "e2e": 1.0}
+    assert "--slo-tpot-ms must be a number of milliseconds > 0" in LoadConfig(num_requests=1, slo_tpot_ms=0).problems()
+    doc = report.build(sample_run(slo_ttft_ms=300))
+    assert doc["goodput"]["requests"] == 2 and "Goodput (TTFT <= 300 ms): 2 requests" in report.markdown(doc)
 
 
 def test_report_files_are_written(tmp_path):
