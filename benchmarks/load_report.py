@@ -1,0 +1,264 @@
+"""Load report: starts `autojudge-serve` on the embedded pair (127.0.0.1, a free port) and drives it with the
+project's load generator (`loadtest`), closed loop, streaming chat, greedy, GSM8K test questions in the judge's
+prompt format, at each `--concurrency` level and in three modes:
+
+- `no-spec`: `num_speculative_tokens: 0`, plain target decoding on the same engine (the speed reference);
+- `lossless`: the `lossless` profile (τ = 0: the target's own greedy output);
+- `judge`: the `math` profile at its head's default threshold (lossy).
+
+Cells run for `--duration` seconds each, in `--repeats` rounds; the mode order rotates between rounds so that drift
+on a shared machine does not favour one mode. Writes `<out>.json` (every cell's loadtest report, per-request rows
+without their metrics blocks) and `<out>.md` (setup, workload, throughput with speed-ups against `no-spec` in the
+same round, latency, goodput, acceptance).
+
+    .venv/bin/python benchmarks/load_report.py --out docs/load-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from loadtest.cli import run as run_load
+from loadtest.config import LoadConfig
+from server_bench import Server
+from training.data import DEFAULT_GSM8K_DIR, load_problems
+
+Json = dict[str, Any]
+MODES: dict[str, Json] = {
+    "no-spec": {"task_profile": "lossless", "num_speculative_tokens": 0},
+    "lossless": {"task_profile": "lossless"},
+    "judge": {"task_profile": "math"},
+}
+SERVER_ARGS = ["--max-slots", "16", "--threads", "2", "--log-level", "warning"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,4,16", help="closed-loop users per level (comma list)")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds per cell")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all cells")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=64, help="GSM8K test questions cycled through")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_GSM8K_DIR)
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--out", type=Path, default=Path("docs/load-report"), help="writes OUT.json and OUT.md")
+    return p.parse_args(argv)
+
+
+def machine() -> Json:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+
+
+async def one_cell(url: str, cfg: LoadConfig, prompts: list[Json]) -> Json:
+    doc = await run_load(dataclasses.replace(cfg, base_url=url), prompts)
+    for row in doc["per_request"]:
+        row.pop("metrics", None)  # summed in doc["acceptance"]; the rows keep timings and counts
+    return doc
+
+
+async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    names = list(MODES)
+    cells: list[Json] = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
+        await server.wait_ready(http, 600.0)
+        version = (await http.get("/version")).json()
+        profiles = (await http.get("/v1/profiles")).json()
+    base = LoadConfig(endpoint="chat", max_tokens=args.max_tokens, duration=args.duration, grace=120.0,
+                      slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, progress=False)  # fmt: skip
+    # One untimed round at the top level first: allocator, caches and slots are warm for every measured cell.
+    await one_cell(server.url, dataclasses.replace(base, concurrency=levels[-1], duration=10.0), prompts)
+    for r in range(args.repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for c in levels:
+            for mode in order:
+                cfg = dataclasses.replace(base, concurrency=c, seed=1000 * r + c, **MODES[mode])
+                started = time.perf_counter()
+                doc = await one_cell(server.url, cfg, prompts)
+                cells.append({"round": r, "concurrency": c, "mode": mode, "report": doc})
+                tp = doc["throughput"]["output_tokens_per_s"] or 0.0
+                req, took = doc["requests"], time.perf_counter() - started
+                print(f"round {r} c={c:<3} {mode:9} {tp:7.2f} out tok/s, {req['ok']} ok, {req['failed']} failed "
+                      f"({took:.0f} s)", flush=True)  # fmt: skip
+    return {"version": version, "profiles": profiles}, cells
+
+
+def spread(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def ms(xs: list[float | None]) -> str:
+    vals = [x for x in xs if x is not None]
+    return f"{1000 * statistics.mean(vals):.0f}" if vals else "n/a"
+
+
+def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
+    levels = sorted({c["concurrency"] for c in cells})
+    by = {(c["round"], c["concurrency"], c["mode"]): c["report"] for c in cells}
+    rounds = sorted({c["round"] for c in cells})
+    heads = {p["name"]: p for p in meta["server"]["profiles"]["data"]}
+    judge = heads["math"]
+    m = meta["machine"]
+    lines = [
+        "# Load report: the embedded pair on this CPU",
+        "",
+        "Made by `benchmarks/load_report.py` (which starts the server and runs `loadtest` in-process):",
+        "",
+        "```sh",
+        " ".join([".venv/bin/python benchmarks/load_report.py", *meta["argv"]]),
+        "```",
+        "",
+        "## Setup",
+        "",
+        f"- **Machine:** {m['cpu']}, {m['cpus']} CPUs, no GPU; Python {m['python']}, torch {m['torch']}; "
+        f"commit `{m['commit']}`. Load average (1 min) {meta['load_average'][0]:.2f} before the run and "
+        f"{meta['load_average'][1]:.2f} after it.",
+        f"- **Server:** `autojudge-serve {' '.join(SERVER_ARGS)}` (float32, max_model_len 2048, 16 KV slots), "
+        f"target `{meta['server']['version']['model']}`, draft `{meta['server']['version']['draft']}`.",
+        f"- **Judge head** (`math` profile): sha256 `{judge['head_sha256']}`, layout {judge['layout']}, default "
+        f"τ = {judge['judge_threshold']:.3f}, window K = {judge['num_speculative_tokens']}.",
+        "",
+        "## Workload",
+        "",
+        f"- Closed loop at {', '.join(map(str, levels))} users; each cell runs {args.duration:g} s (requests in "
+        "flight at the end are awaited and counted), "
+        f"{len(rounds)} rounds, mode order rotated per round; one untimed 10 s round first.",
+        f"- Streaming `/v1/chat/completions`, greedy (temperature 0), `max_tokens` {args.max_tokens}, EOS ends a "
+        f"reply; the first {args.prompts} GSM8K test questions in the judge heads' prompt format "
+        "(zero-shot chain-of-thought user turn), cycled in order.",
+        "- Modes: **no-spec** (`num_speculative_tokens: 0`: target-only decoding), **lossless** (`lossless` "
+        "profile, τ = 0), **judge** (`math` profile at its default τ).",
+        f"- Goodput SLOs: TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms.",
+        "",
+        "## Throughput",
+        "",
+        "Mean ± standard deviation over the rounds. Speed-up: output tok/s over that of no-spec in the same round and "
+        "at the same concurrency.",
+        "",
+        "| users | mode | requests/s | output tok/s | speed-up vs no-spec | goodput req/s | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        for mode in MODES:
+            docs = [by[(r, c, mode)] for r in rounds]
+            tps = [d["throughput"]["output_tokens_per_s"] or 0.0 for d in docs]
+            ref = [by[(r, c, "no-spec")]["throughput"]["output_tokens_per_s"] or 0.0 for r in rounds]
+            ups = [a / b for a, b in zip(tps, ref, strict=True) if b > 0]
+            errors = sum(d["requests"]["failed"] for d in docs)
+            lines.append(
+                f"| {c} | {mode} | {spread([d['throughput']['requests_per_s'] or 0.0 for d in docs])} | "
+                f"{spread(tps)} | {'1' if mode == 'no-spec' else spread(ups)} | "
+                f"{spread([d['goodput']['requests_per_s'] or 0.0 for d in docs])} | {errors} |"
+            )
+    lines += [
+        "",
+        "## Latency (ms)",
+        "",
+        "Each percentile is computed per cell over its successful requests, then averaged over the rounds. ITL is "
+        "the gap between content chunks; one chunk can carry several tokens (compare with the acceptance length), "
+        "so ITL and TPOT differ under speculation.",
+        "",
+        "| users | mode | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | TPOT p90 | TPOT p99 | ITL p50 | ITL p99 "
+        "| E2E p50 | E2E p90 | E2E p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        for mode in MODES:
+            lat = [by[(r, c, mode)]["latency_s"] for r in rounds]
+            row = [ms([x[k][q] for x in lat]) for k, qs in
+                   (("ttft", "p50 p90 p99"), ("tpot", "p50 p90 p99"), ("itl", "p50 p99"), ("e2e", "p50 p90 p99"))
+                   for q in qs.split()]  # fmt: skip
+            lines.append(f"| {c} | {mode} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "## Speculation and lossiness (from the server's per-request metrics, summed per cell)",
+        "",
+        "| users | mode | draft acceptance rate | mean acceptance length | tokens per cycle | lossy fraction | "
+        "judge-accepted tokens | requests |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        for mode in ("lossless", "judge"):
+            acc = [by[(r, c, mode)]["acceptance"] for r in rounds]
+            acc = [a for a in acc if a is not None]
+
+            def col(key: str, accs: list[Json] = acc) -> list[float]:
+                return [a[key] for a in accs if a[key] is not None]
+
+            lines.append(
+                f"| {c} | {mode} | {spread(col('draft_acceptance_rate'))} | {spread(col('mean_acceptance_length'))} "
+                f"| {spread(col('mean_tokens_per_cycle'))} | {spread([100 * x for x in col('lossy_fraction')])}% | "
+                f"{sum(a['num_judge_accepted_tokens'] for a in acc)} | {sum(a['requests_with_metrics'] for a in acc)} |"
+            )
+    lines += [
+        "",
+        "Answer quality against τ (agreement with the target's own answers, accuracy) is measured offline by the "
+        "evaluation command on held-out problems: [autojudge-results.md](autojudge-results.md).",
+        "",
+        "Raw reports of every cell: [load-report.json](load-report.json).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    problems = load_problems("gsm8k-test", data_dir=args.data_dir)[: args.prompts]
+    prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
+    load_before = os.getloadavg()[0]
+    server = Server(SERVER_ARGS)
+    print(f"server log: {server.log}", file=sys.stderr)
+    try:
+        info, cells = asyncio.run(measure(args, server, prompts))
+    finally:
+        server.stop()
+    meta = {
+        "argv": argv,
+        "machine": machine(),
+        "load_average": [load_before, os.getloadavg()[0]],
+        "server": info,
+        "server_args": SERVER_ARGS,
+        "args": vars(args),
+    }
+    meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in meta["args"].items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(args, meta, cells))
+    print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
