@@ -141,7 +141,12 @@ def test_dashboard_structure(path):
     dashboard = json.loads(path.read_text())
     uid = load_yaml(PROVISIONING / "datasources" / "prometheus.yaml")["datasources"][0]["uid"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert set(variables) == {"model_name", "task_profile"}
+    assert set(variables) == {"datasource", "model_name", "task_profile"}
+    # Every query goes through the `datasource` variable, whose default is the provisioned Prometheus.
+    source = variables.pop("datasource")
+    assert source["type"] == "datasource" and source["query"] == "prometheus"
+    assert source["current"]["value"] == uid
+    uid = "${datasource}"
     assert variables["task_profile"]["multi"] and variables["task_profile"]["includeAll"]
     assert variables["task_profile"]["allValue"] == ".*"
     ids = []
