@@ -78,3 +78,14 @@ def test_pack_labels_command_reads_a_label_file(tmp_path, capsys):
     assert read_done(labels)[0] == [record(p) for p in PROMPTS]
     assert train_main(["pack-labels", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_read_packed_refuses_files_that_are_not_packed_labels(tmp_path):
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text(json.dumps(record("gsm8k-train-0")) + "\n")
+    with pytest.raises(ValueError, match="is not a packed label file"):
+        read_packed(plain)  # not gzip
+    unpacked = tmp_path / "unpacked.jsonl.gz"
+    unpacked.write_bytes(gzip.compress((json.dumps(record("gsm8k-train-0")) + "\n").encode()))
+    with pytest.raises(ValueError, match="a record without format"):
+        read_packed(unpacked)

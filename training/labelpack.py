@@ -63,8 +63,16 @@ def write_packed(path: Path, records: Iterable[dict[str, Any]]) -> int:
 
 
 def read_packed(path: Path) -> list[dict[str, Any]]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The packed records of `path`; a file that is not gzip, JSON lines or packed records is a ValueError."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a packed label file ({e})") from e
+    for r in records:
+        if not isinstance(r, dict) or r.get("format") != PACKED_FORMAT or "source" not in r.get("meta", {}):
+            raise ValueError(f"{path} is not a packed label file (a record without format {PACKED_FORMAT!r})")
+    return records
 
 
 def unpack_all(packed: list[dict[str, Any]], prompt_of: Callable[[str], list[int] | None]) -> list[dict[str, Any]]:
