@@ -85,15 +85,17 @@ def load_heads(directory: Path, expected_pair: dict[str, Any]) -> dict[str, Judg
     return {d.name: load_head(d, expected_pair) for d in sorted(directory.iterdir()) if (d / METADATA).is_file()}
 
 
-def pair_difference(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> str:
+def pair_difference(
+    have: dict[str, Any], want: dict[str, Any], prefix: str = "", names: tuple[str, str] = ("head has", "models have")
+) -> str:
     """`draft.quantization: head has 'none', models have 'int8-w8a8(...)'; ...` for nested dicts."""
     parts = []
     for key in sorted(set(have) | set(want)):
         a, b = have.get(key), want.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            sub = pair_difference(a, b, f"{prefix}{key}.")
+            sub = pair_difference(a, b, f"{prefix}{key}.", names)
             if sub:
                 parts.append(sub)
         elif a != b:
-            parts.append(f"{prefix}{key}: head has {a!r}, models have {b!r}")
+            parts.append(f"{prefix}{key}: {names[0]} {a!r}, {names[1]} {b!r}")
     return "; ".join(parts)

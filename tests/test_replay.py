@@ -125,6 +125,6 @@ def test_sharing_decodes_fewer_rows_than_jobs(target, draft) -> None:
     dec = LockstepDecoder(target, draft, head, eos_token_ids=(), slots=8, max_len=64)
     jobs = [Job(f"{m.label}/{i}", p, m, 30, seed=i) for m in SWEEP for i, p in enumerate(PROMPTS)]
     done: list[int] = []
-    traces = dec.run(jobs, done.append)
+    traces = dec.run(jobs, lambda ended: done.append(len(ended)))
     assert 0 < dec.row_steps < sum(len(t.tokens) for t in traces)
     assert sum(done) == len(jobs) and all(n > 0 for n in done)

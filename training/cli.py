@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokenizer_fingerprint
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
 from judge.features import LAYOUTS
-from judge.io import load_head, pair_difference, save_head
+from judge.io import TENSORS, load_head, pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features
@@ -27,6 +28,7 @@ from training.labelpack import read_packed, unpack_all, write_packed
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
 from training.tasks import is_correct, outcome
+from training.tracelog import decode_with_log
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
@@ -302,14 +304,26 @@ def evaluate(argv: Sequence[str]) -> int:
     def text_outcome(problem: Problem, ids: list[int]) -> str | None:
         return outcome(problem, str(tokenizer.decode(ids, skip_special_tokens=True)))
 
+    log_meta = {
+        "pair": pair,
+        "head_sha256": sha256_file(args.head / TENSORS) if args.head else None,
+        "source": args.source,
+        "generator": [args.size, args.seed] if args.source == "gsm-symbolic" else None,
+        "max_new_tokens": args.max_new_tokens,
+        "oracle": {t: ORACLE_VERSION[t] for t in sorted({prob.task for prob in problems})},
+    }
+    resumed = 0
+
     def run(ms: list[Method]) -> dict[Method, list[ProblemResult]]:
+        nonlocal resumed
         jobs = [
-            Job(f"{m.label}|{pid}", ids, m, args.max_new_tokens, seed=i)
-            for i, (pid, ids) in enumerate(prompts.items())
+            Job(f"{m.label}|{pid}", ids, m, args.max_new_tokens, seed=zlib.crc32(pid.encode()))
+            for pid, ids in prompts.items()
             for m in ms
         ]
         with tqdm(total=len(jobs), unit="run", desc=f"{len(ms)} methods x {len(prompts)} problems") as bar:
-            traces = decoder.run(jobs, bar.update)
+            traces, n_logged = decode_with_log(decoder, jobs, args.out / "traces.jsonl", log_meta, bar.update)
+        resumed += n_logged
         return score_traces(traces, by_id, windows, text_outcome, is_correct)
 
     start = time.perf_counter()
@@ -329,6 +343,7 @@ def evaluate(argv: Sequence[str]) -> int:
         "windows": windows,
         "seconds": round(time.perf_counter() - start, 1),
         "rows_decoded": decoder.row_steps,
+        "jobs_resumed": resumed,
         "decoding": "greedy, no bonus token (paper setting); lockstep replay, exact for every W",
     }
     write_reports(rows, args.out, windows, meta)
@@ -336,7 +351,8 @@ def evaluate(argv: Sequence[str]) -> int:
     job_tokens = sum(r.num_tokens for res in results.values() for r in res)
     print(
         f"{len(problems)} problems, {len(rows)} method points in {meta['seconds']} s -> {args.out}; "
-        f"{decoder.row_steps} rows decoded for {job_tokens} tokens of all methods (shared prefixes)",
+        f"{decoder.row_steps} rows decoded for {job_tokens} tokens of all methods (shared prefixes)"
+        + (f"; {resumed} runs read from {args.out / 'traces.jsonl'}" if resumed else ""),
         file=sys.stderr,
     )
     return 0

@@ -183,8 +183,8 @@ class LockstepDecoder:
         self.row_steps = 0  # rows decoded, summed over steps: the cost the sharing saves
 
     @torch.inference_mode()
-    def run(self, jobs: list[Job], on_done: Callable[[int], None] | None = None) -> list[Trace]:
-        """Decode every job; traces come back in job order. `on_done(n)` hears of each n jobs finished."""
+    def run(self, jobs: list[Job], on_done: Callable[[list[Trace]], None] | None = None) -> list[Trace]:
+        """Decode every job; traces come back in job order. `on_done` hears of each group of jobs as it ends."""
         for job in jobs:
             if len(job.prompt) + job.max_tokens > self.max_len:
                 raise ValueError(f"{job.job_id}: prompt + max_tokens exceeds max_len={self.max_len}")
@@ -208,10 +208,14 @@ class LockstepDecoder:
             children = self._step(active, jobs, gens)
             for branch in [*active, *(c for _, c in children)]:
                 if branch.tokens[-1] in self.eos or len(branch.tokens) >= branch.max_tokens:
-                    for i in branch.jobs:
-                        traces[i] = Trace(jobs[i], list(branch.tokens), list(branch.ok), list(branch.mismatch), True)
+                    ended = [
+                        Trace(jobs[i], list(branch.tokens), list(branch.ok), list(branch.mismatch), True)
+                        for i in branch.jobs
+                    ]
+                    for i, tr in zip(branch.jobs, ended, strict=True):
+                        traces[i] = tr
                     if on_done is not None:
-                        on_done(len(branch.jobs))
+                        on_done(ended)
                     branch.jobs = []
             for parent, child in children:
                 if not child.jobs:

@@ -1,0 +1,98 @@
+"""Checkpoint of an evaluation sweep: one JSON line per finished job, so an interrupted run resumes.
+
+The first line holds the sweep's setup (`meta`: model pair, head, data source, response budget); each further line
+one job's id, tokens and per-position decisions: everything the reports are computed from. A resumed run decodes
+only the jobs not yet in the file, and refuses a file written with another setup. A line torn by a kill is cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from judge.io import pair_difference
+from training.replay import Job, LockstepDecoder, Trace
+
+
+def _flags(text: str) -> list[bool]:
+    return [c == "1" for c in text]
+
+
+def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
+    """Jobs already in the log (job id -> its line) and the byte length of its complete lines."""
+    if not path.exists():
+        return {}, 0
+    done: dict[str, dict[str, Any]] = {}
+    good = 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f):
+            if not line.endswith(b"\n"):
+                break  # the run was killed mid-write
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n + 1} is not an evaluation checkpoint line ({e})") from None
+            if n == 0:
+                have = record.get("meta") if isinstance(record, dict) else None
+                if not isinstance(have, dict):
+                    raise ValueError(f"{path} is not an evaluation checkpoint (its first line holds no setup)")
+                if have != meta:
+                    diff = pair_difference(have, meta, names=("the checkpoint has", "this run has"))
+                    raise ValueError(
+                        f"{path} was written by a sweep with another setup ({diff}); "
+                        "choose another --out or rerun with the same models, head and settings"
+                    )
+            elif isinstance(record, dict) and {"job_id", "tokens", "ok", "mismatch"} <= record.keys():
+                done[record["job_id"]] = record
+            else:
+                raise ValueError(
+                    f"{path}:{n + 1} is not an evaluation checkpoint line (no job_id, tokens, ok, mismatch)"
+                )
+            good += len(line)
+    return done, good
+
+
+def decode_with_log(
+    decoder: LockstepDecoder,
+    jobs: list[Job],
+    path: Path,
+    meta: dict[str, Any],
+    on_done: Callable[[int], None] | None = None,
+) -> tuple[list[Trace], int]:
+    """Every job's trace (in job order), decoding only those not yet in the log at `path`; also returns how many
+    came from the log. Each finished job is appended (and synced) as soon as it ends."""
+    done, good = read_log(path, meta)
+    todo = [job for job in jobs if job.job_id not in done]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.truncate(good)
+        f.seek(good)
+        if good == 0:
+            f.write((json.dumps({"meta": meta}) + "\n").encode())
+
+        def finished(traces: list[Trace]) -> None:
+            for tr in traces:
+                record = {
+                    "job_id": tr.job.job_id,
+                    "tokens": tr.tokens,
+                    "ok": "".join("1" if x else "0" for x in tr.ok),
+                    "mismatch": "".join("1" if x else "0" for x in tr.mismatch),
+                }
+                f.write((json.dumps(record) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+            if on_done is not None:
+                on_done(len(traces))
+
+        fresh = {tr.job.job_id: tr for tr in decoder.run(todo, finished)}
+    traces = []
+    for job in jobs:
+        if job.job_id in fresh:
+            traces.append(fresh[job.job_id])
+        else:
+            r = done[job.job_id]
+            traces.append(Trace(job, list(r["tokens"]), _flags(r["ok"]), _flags(r["mismatch"]), True))
+    return traces, len(jobs) - len(todo)
