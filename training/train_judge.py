@@ -63,13 +63,13 @@ def threshold_table(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> lis
     return rows
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> tuple[StandardScaler, LogisticRegression]:
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> tuple[StandardScaler, LogisticRegression]:
     scaler = StandardScaler().fit(x)
     model = LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(x), y)
     return scaler, model
 
 
-def _proba(scaler: StandardScaler, model: LogisticRegression, x: np.ndarray) -> np.ndarray:
+def important_proba(scaler: StandardScaler, model: LogisticRegression, x: np.ndarray) -> np.ndarray:
     return model.predict_proba(scaler.transform(x))[:, 1]
 
 
@@ -84,24 +84,24 @@ def fit_head(fs: FeatureSet, config: FitConfig, provenance: dict[str, Any]) -> t
             raise ValueError(f"the {name} split has only one class; mine more prompts")
     grid = []
     for c in config.c_grid:
-        scaler, model = _fit(x[tr], y[tr], c, config.max_iter)
+        scaler, model = fit_logistic(x[tr], y[tr], c, config.max_iter)
         grid.append(
             {
                 "C": c,
-                "val_auc": float(roc_auc_score(y[va], _proba(scaler, model, x[va]))),
-                "train_auc": float(roc_auc_score(y[tr], _proba(scaler, model, x[tr]))),
+                "val_auc": float(roc_auc_score(y[va], important_proba(scaler, model, x[va]))),
+                "train_auc": float(roc_auc_score(y[tr], important_proba(scaler, model, x[tr]))),
             }
         )
     best = max(grid, key=lambda g: g["val_auc"])
-    scaler, model = _fit(x[tr], y[tr], best["C"], config.max_iter)
-    p_val = _proba(scaler, model, x[va])
+    scaler, model = fit_logistic(x[tr], y[tr], best["C"], config.max_iter)
+    p_val = important_proba(scaler, model, x[va])
     thresholds = np.quantile(p_val, QUANTILES)
     val_table = threshold_table(p_val, y[va], thresholds)
-    train_table = threshold_table(_proba(scaler, model, x[tr]), y[tr], thresholds)
+    train_table = threshold_table(important_proba(scaler, model, x[tr]), y[tr], thresholds)
     keeps = [r["threshold"] for r in val_table if r["recall_important"] >= config.default_recall]
     default = max(keeps) if keeps else 0.0
     if config.refit_all:
-        scaler, model = _fit(x, y, best["C"], config.max_iter)
+        scaler, model = fit_logistic(x, y, best["C"], config.max_iter)
     ids = sorted(fs.prompt_ids[i] for i in train_p), sorted(fs.prompt_ids[i] for i in val_p)
     split_hash = hashlib.sha256(repr(ids).encode()).hexdigest()
     report = {
