@@ -41,8 +41,11 @@ def main() -> None:
     auc: dict[tuple[float, float], list[float]] = {}  # (fraction, C) -> AUC per fold
     sizes: dict[float, list[int]] = {}  # fraction -> training mismatches per fold
     for k, held in enumerate(folds):
-        rest = [i for i in order if i not in set(held)]
+        held_set = set(held)
+        rest = [i for i in order if i not in held_set]
         va = np.isin(prompt, held)
+        if len(set(y[va].tolist())) < 2:
+            raise SystemExit(f"fold {k} holds one class only; use fewer --folds or mine more prompts")
         for f in fractions:
             subset = random.Random(args.seed + k).sample(rest, max(2, round(f * len(rest))))
             tr = np.isin(prompt, subset)
