@@ -19,7 +19,7 @@ from engine.spec.judging import HeadJudge
 from judge.head import HeadBank, JudgeHead
 from judge.io import HeadMismatchError, load_head, save_head
 from training.features import FeatureSet
-from training.train_judge import FitConfig, fit_head, split_by_prompt
+from training.train_judge import FitConfig, fit_head, held_out_folds, split_by_prompt
 
 PAIR = {
     "target": {"hidden_size": 32},
@@ -62,6 +62,28 @@ def test_fitted_head_reproduces_sklearn_predict_proba() -> None:
     torch.testing.assert_close(z32.double(), head.log_odds(torch.from_numpy(x)), atol=1e-4, rtol=1e-5)
     assert report["val_auc"] > 0.7
     assert not set(train_p) & set(val_p) and len(train_p) == int(0.9 * 60) + 1
+
+
+def test_k_fold_scores_every_prompt_once_and_ships_the_model_fitted_on_all() -> None:
+    fs = synthetic_features()
+    y = fs.labels.clone()
+    y[:] = 0
+    y[[3, 17, 42]] = 1  # three important mismatches in three prompts: one 10% part cannot hold them all
+    fs = FeatureSet(fs.dd, fs.dt, y, fs.prompt_index, fs.positions, fs.prompt_ids, fs.meta)
+    with pytest.raises(ValueError, match="one class"):
+        fit_head(fs, FitConfig(c_grid=(0.1,)), {})
+    folds = held_out_folds(len(fs.prompt_ids), 0, 5)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(60))
+    head, report = fit_head(fs, FitConfig(c_grid=(0.01, 0.1), folds=5), {})
+    assert report["counts"]["val_mismatches"] == report["counts"]["train_mismatches"] == 600
+    assert report["folds"] == 5 and report["refit_all"]
+    x = fs.dt.double().numpy()
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=report["C"], max_iter=1000).fit(scaler.transform(x), y.numpy())
+    want = model.predict_proba(scaler.transform(x))[:, 1]
+    np.testing.assert_allclose(head.p_important(torch.from_numpy(x)).numpy(), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="folds must be"):
+        held_out_folds(60, 0, 61)
 
 
 def test_threshold_table_is_ordered_and_the_default_keeps_the_recall() -> None:

@@ -224,6 +224,9 @@ def fit(argv: Sequence[str]) -> int:
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--default-recall", type=float, default=0.9)
     p.add_argument("--refit-all", action="store_true", help="refit on all prompts once C is chosen")
+    p.add_argument(
+        "--folds", type=int, default=0, help="K-fold cross-validation by prompt instead of one 10%% part (refits all)"
+    )
     args = p.parse_args(argv)
     if not 0.0 < args.default_recall <= 1.0:
         raise ValueError("--default-recall must be in (0, 1]")
@@ -234,6 +237,7 @@ def fit(argv: Sequence[str]) -> int:
         max_iter=args.max_iter,
         default_recall=args.default_recall,
         refit_all=args.refit_all,
+        folds=args.folds,
     )
     provenance = {
         "features": {"path": str(args.features), "sha256": sha256_file(args.features)},
@@ -246,7 +250,7 @@ def fit(argv: Sequence[str]) -> int:
     print(
         f"{args.layout} head: C={report['C']:.2g}, validation AUC {report['val_auc']:.3f} (train "
         f"{report['train_auc']:.3f}); {c['train_mismatches']} / {c['val_mismatches']} train / validation mismatches "
-        f"from {c['train_prompts']} / {c['val_prompts']} prompts; default threshold "
+        f"from {c['train_prompts']} / {c['val_prompts']} prompts ({report['split']['rule']}); default threshold "
         f"{report['default_threshold']:.3f} -> {args.out}",
         file=sys.stderr,
     )
