@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import CacheConfig, Engine, EngineConfig, Request, SamplingParams, SpecConfig, SpecParams
+from engine.build import default_profiles, judge_fingerprint, load_profiles
 from engine.cli import main as cli_main
 from engine.model.assets import embedded_target_path, find_smollm2_gguf
 from engine.model.loader import LoadedModel, load_model
@@ -95,3 +96,12 @@ def test_generate_command_refuses_bad_input(smollm2, capsys):
     assert "exceeds the context limit" in capsys.readouterr().err
     assert cli_main(["generate", "--max-model-len", "100000"]) == 2
     assert "longer than the target model allows" in capsys.readouterr().err
+
+
+def test_shipped_heads_load_against_the_embedded_pair(smollm2):
+    specs = default_profiles("shipped", "smollm2", False, True)
+    assert [s.name for s in specs] == ["lossless", "code", "math"]
+    _, infos = load_profiles(specs, judge_fingerprint(smollm2, quantize_int8(smollm2.model)), "cpu")
+    for info in infos[1:]:
+        assert len(info.thresholds) == 26 and 0.0 < info.judge_threshold < 1.0
+        assert info.judge_threshold in info.thresholds and info.layout == "DT"

@@ -251,12 +251,12 @@ def fit(argv: Sequence[str]) -> int:
         f"{args.layout} head: C={report['C']:.2g}, validation AUC {report['val_auc']:.3f} (train "
         f"{report['train_auc']:.3f}); {c['train_mismatches']} / {c['val_mismatches']} train / validation mismatches "
         f"from {c['train_prompts']} / {c['val_prompts']} prompts ({report['split']['rule']}); default threshold "
-        f"{report['default_threshold']:.3f} -> {args.out}",
+        f"{report['default_threshold']:.3g} -> {args.out}",
         file=sys.stderr,
     )
     for row in report["thresholds"]:
         print(
-            f"  q={row['quantile']:.2f} tau={row['threshold']:.4f} accept={row['accept_fraction']:.3f} "
+            f"  q={row['quantile']:.2f} tau={row['threshold']:.4g} accept={row['accept_fraction']:.3f} "
             f"recall_important={row['recall_important']:.3f}",
             file=sys.stderr,
         )
