@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_decoder
@@ -125,3 +126,14 @@ def test_mining_resumes_and_refuses_a_different_setup(tmp_path: Path) -> None:
         assert "another setup" in str(e)
     else:
         raise AssertionError("mixed setups were accepted")
+
+
+def test_a_file_that_is_not_a_label_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "labels.jsonl"
+    path.write_text("question,answer\n")
+    with pytest.raises(ValueError, match=r"labels.jsonl:1 is not a label record \("):
+        read_done(path)
+    path.write_text('{"prompt_id": "p0"}\n')
+    with pytest.raises(ValueError, match=r"labels.jsonl:1 is not a label record \(it needs .*mismatches"):
+        read_done(path)
+    assert read_done(tmp_path / "absent.jsonl") == ([], 0)

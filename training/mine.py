@@ -29,6 +29,7 @@ from engine.kv_cache import SlotKVCache
 from engine.model.decoder import Decoder
 from engine.runner import ModelRunner
 from training.data import Problem
+from training.jsonlines import read_complete
 
 Outcome = Callable[[Problem, list[int]], str | None]  # (problem, generated token ids) -> task outcome
 
@@ -207,17 +208,17 @@ class Miner:
         }
 
 
+LABEL_FIELDS = frozenset(
+    {"prompt_id", "task", "mismatches", "target_outcome", "num_rollouts", "seconds", "meta", "target_token_ids"}
+)
+
+
 def read_done(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Records already in a label file, and the byte length of its complete lines (a torn tail is cut)."""
-    if not path.exists():
-        return [], 0
-    records, good = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # the run was killed mid-write
-            records.append(json.loads(line))
-            good += len(line)
+    records, good = read_complete(path, "a label record")
+    for n, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not record.keys() >= LABEL_FIELDS:
+            raise ValueError(f"{path}:{n} is not a label record (it needs {', '.join(sorted(LABEL_FIELDS))})")
     return records, good
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from judge.io import pair_difference
+from training.jsonlines import read_complete
 from training.replay import Job, LockstepDecoder, Trace
 
 
@@ -23,35 +24,22 @@ def _flags(text: str) -> list[bool]:
 
 def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
     """Jobs already in the log (job id -> its line) and the byte length of its complete lines."""
-    if not path.exists():
-        return {}, 0
+    records, good = read_complete(path, "an evaluation checkpoint line")
+    if records:
+        have = records[0].get("meta") if isinstance(records[0], dict) else None
+        if not isinstance(have, dict):
+            raise ValueError(f"{path} is not an evaluation checkpoint (its first line holds no setup)")
+        if have != meta:
+            diff = pair_difference(have, meta, names=("the checkpoint has", "this run has"))
+            raise ValueError(
+                f"{path} was written by a sweep with another setup ({diff}); "
+                "choose another --out or rerun with the same models, head and settings"
+            )
     done: dict[str, dict[str, Any]] = {}
-    good = 0
-    with open(path, "rb") as f:
-        for n, line in enumerate(f):
-            if not line.endswith(b"\n"):
-                break  # the run was killed mid-write
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n + 1} is not an evaluation checkpoint line ({e})") from None
-            if n == 0:
-                have = record.get("meta") if isinstance(record, dict) else None
-                if not isinstance(have, dict):
-                    raise ValueError(f"{path} is not an evaluation checkpoint (its first line holds no setup)")
-                if have != meta:
-                    diff = pair_difference(have, meta, names=("the checkpoint has", "this run has"))
-                    raise ValueError(
-                        f"{path} was written by a sweep with another setup ({diff}); "
-                        "choose another --out or rerun with the same models, head and settings"
-                    )
-            elif isinstance(record, dict) and {"job_id", "tokens", "ok", "mismatch"} <= record.keys():
-                done[record["job_id"]] = record
-            else:
-                raise ValueError(
-                    f"{path}:{n + 1} is not an evaluation checkpoint line (no job_id, tokens, ok, mismatch)"
-                )
-            good += len(line)
+    for n, record in enumerate(records[1:], 2):
+        if not (isinstance(record, dict) and {"job_id", "tokens", "ok", "mismatch"} <= record.keys()):
+            raise ValueError(f"{path}:{n} is not an evaluation checkpoint line (no job_id, tokens, ok, mismatch)")
+        done[record["job_id"]] = record
     return done, good
 
 

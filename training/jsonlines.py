@@ -1,0 +1,27 @@
+"""Append-only JSON-lines files that killable runs write: complete lines are read, a torn last line is cut."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_complete(path: Path, what: str) -> tuple[list[Any], int]:
+    """The values of `path`'s complete lines and their byte length (where an append resumes).
+
+    A line that is not JSON names the file, the line and `what` it should have been (a ValueError).
+    """
+    if not path.exists():
+        return [], 0
+    values, good = [], 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break  # the run was killed mid-write
+            try:
+                values.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}:{n} is not {what} ({e})") from None
+            good += len(line)
+    return values, good
