@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from training.features import load_features
-from training.train_judge import design_matrix, fit_logistic, important_proba
+from training.train_judge import design_matrix, fit_logistic, held_out_folds, important_proba
 
 
 def main() -> None:
@@ -35,13 +35,12 @@ def main() -> None:
     prompt = fs.prompt_index.numpy()
     fractions = [float(f) for f in args.fractions.split(",")]
     grid = [float(c) for c in args.c_grid.split(",")]
+    folds = held_out_folds(len(fs.prompt_ids), args.seed, args.folds)  # the folds of `fit --folds`
     order = list(range(len(fs.prompt_ids)))
-    random.Random(args.seed).shuffle(order)
-    folds = [order[k :: args.folds] for k in range(args.folds)]
     auc: dict[tuple[float, float], list[float]] = {}  # (fraction, C) -> AUC per fold
     sizes: dict[float, list[int]] = {}  # fraction -> training mismatches per fold
     for k, held in enumerate(folds):
-        held_set = set(held)
+        held_set = set(held.tolist())
         rest = [i for i in order if i not in held_set]
         va = np.isin(prompt, held)
         if len(set(y[va].tolist())) < 2:
