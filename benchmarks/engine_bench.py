@@ -398,7 +398,8 @@ def ours_generator(method: str, cache_dir: Path, batch: int, max_len: int) -> tu
     k = method_k(method)
     draft = quantize_int8(loaded.model) if k > 0 else None
     config = EngineConfig(
-        cache=CacheConfig(max_slots=batch, max_model_len=max_len),
+        # transformers keeps no K/V between calls, so every prompt is computed afresh on both sides.
+        cache=CacheConfig(max_slots=batch, max_model_len=max_len, reuse_prefix=False),
         spec=SpecConfig(max_speculative_tokens=max(k, 1), default_speculative_tokens=k),
     )
     split = StepSplit()

@@ -138,6 +138,8 @@ class CacheConfig:
     max_slots: int = 8
     max_model_len: int = 2048
     memory_fraction: float = 0.9  # of free memory the caches may take at start-up
+    # A finished request's K/V stays in its free slot; a new prompt sharing its prefix lands there and skips it.
+    reuse_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:

@@ -55,6 +55,7 @@ class Engine:
             config.scheduler.max_prefill_tokens,
             frozenset(eos_token_ids),
             detokenize,
+            config.cache.reuse_prefix,
         )
         self.on_step = on_step
         self.clock = clock

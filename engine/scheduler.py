@@ -27,12 +27,14 @@ class Scheduler:
         max_prefill_tokens: int,
         eos_token_ids: frozenset[int],
         detokenize: Detokenize | None,
+        reuse_prefix: bool = True,
     ) -> None:
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = eos_token_ids
         self.detokenize = detokenize
+        self.reuse_prefix = reuse_prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # What a free slot's caches still hold from its last request: tokens, target and draft valid lengths.
@@ -106,7 +108,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
-            self.retained[seq.slot] = (seq.token_ids, seq.target_len, seq.draft_len)
+            if self.reuse_prefix:
+                self.retained[seq.slot] = (seq.token_ids, seq.target_len, seq.draft_len)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.slot = -1

@@ -65,7 +65,8 @@ def make_engine(target: Decoder, draft: Decoder | None, slots: int = 8, **kwargs
         default_speculative_tokens=4,
         bonus_token=bool(kwargs.pop("bonus", True)),
     )
-    config = EngineConfig(cache=CacheConfig(max_slots=slots, max_model_len=160), spec=spec)
+    reuse = bool(kwargs.pop("reuse_prefix", True))
+    config = EngineConfig(cache=CacheConfig(max_slots=slots, max_model_len=160, reuse_prefix=reuse), spec=spec)
     return Engine(config, target, draft, **kwargs)  # type: ignore[arg-type]
 
 

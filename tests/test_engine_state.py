@@ -225,3 +225,17 @@ def test_a_slot_prefix_is_reused_and_outputs_do_not_change(target, draft):
     assert got == fresh
     plain, _ = run_all(make_engine(target, None), [Request("b", follow, params)])
     assert got == plain and finals["b"].finish_reason == "length"
+
+
+def test_without_prefix_reuse_every_prompt_is_computed_again(target, draft):
+    prefills: list[int] = []
+    engine = make_engine(
+        target, draft, slots=1, reuse_prefix=False, on_step=lambda s: prefills.append(s.num_prefill_tokens)
+    )
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompt = (5, 9, 13, 2, 77, 31, 8)
+    first, _ = run_all(engine, [Request("a", prompt, params)])
+    prefills.clear()
+    again, _ = run_all(engine, [Request("b", prompt, params)])
+    assert prefills[0] == len(prompt) - 1  # the slot kept nothing for the same prompt
+    assert again["b"] == first["a"]
