@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.model.decoder import Decoder
+from engine.model.decoder import Decoder, fuse_projections
 from engine.model.protocol import ForwardBatch
 from engine.model.quant import Int8Linear, quantize_int8
 
@@ -80,7 +83,7 @@ def test_quantize_leaves_the_original_untouched() -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(type(m) is not Int8Linear for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert sum(type(m) is Int8Linear for m in draft.modules()) == 2 * 7 + 1
+    assert sum(type(m) is Int8Linear for m in draft.modules()) == 2 * 4 + 1  # per layer: qkv, o, gate_up, down
     assert not any(type(m) is nn.Linear for m in draft.modules())
 
 
@@ -120,3 +123,39 @@ def test_quantized_decoder_runs_with_cache(include_lm_head: bool) -> None:
     assert torch.isfinite(logits).all()
     assert torch.allclose(step[0, -1], full[0, -1], atol=1e-4)
     assert _rel_err(logits[:1], ref) < 0.1
+
+
+def _biased_decoder(seed: int) -> Decoder:
+    """Qwen2-style: q/k/v and MLP biases, so the fused layers must carry biases too."""
+    config = dataclasses.replace(_tiny_decoder().config, qkv_bias=True, mlp_bias=True)
+    torch.manual_seed(seed)
+    model = Decoder(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_()
+    return model
+
+
+def test_fused_projections_compute_what_the_separate_layers_do() -> None:
+    model = _biased_decoder(seed=4)
+    fused = copy.deepcopy(model)
+    fuse_projections(fused)
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    batch = ForwardBatch.build([[5, 17, 42, 8, 91], [3, 60, 7]], [0, 0], [0, 1], CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(batch, None), model(batch, None), atol=1e-6, rtol=0)
+
+
+def test_the_int8_draft_fuses_bit_for_bit() -> None:
+    """Per-output-channel scales: the fused int8 product equals quantizing each Linear on its own."""
+    model = _biased_decoder(seed=5)
+    draft = quantize_int8(model)
+    x = torch.randn(6, 32)
+    for layer, source in zip(draft.model.layers, model.model.layers, strict=True):
+        attn, mlp = source.self_attn, source.mlp
+        with torch.no_grad():
+            qkv = torch.cat([Int8Linear(m)(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
+            gate_up = torch.cat([Int8Linear(m)(x) for m in (mlp.gate_proj, mlp.up_proj)], dim=-1)
+            assert torch.equal(layer.self_attn.qkv_proj(x), qkv)
+            assert torch.equal(layer.mlp.gate_up_proj(x), gate_up)

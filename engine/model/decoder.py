@@ -56,6 +56,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    qkv_proj: nn.Module | None  # one projection for q, k and v, once `fuse_projections` ran
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
@@ -64,6 +66,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=config.o_bias)
+        self.qkv_sizes = [config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
+        self.qkv_proj = None
 
     def forward(
         self,
@@ -75,9 +79,13 @@ class Attention(nn.Module):
         cache: SlotKVCache | None,
     ) -> torch.Tensor:  # [B, Q, D]
         b, q_len, _ = x.shape
-        q = self.q_proj(x).view(b, q_len, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, q_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, q_len, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.reshape(b, q_len, self.num_heads, self.head_dim)
+        k = k.reshape(b, q_len, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, q_len, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = attend(q, k, v, layer, batch, cache)
@@ -85,15 +93,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    gate_up_proj: nn.Module | None  # gate and up in one projection, once `fuse_projections` ran
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(d, f, bias=bias)
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_up_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -166,3 +181,29 @@ class Decoder(nn.Module):
         c = self.config
         dtype = self.model.norm.weight.dtype
         return SlotKVCache.nbytes_for(c.num_layers, max_slots, max_len, c.num_kv_heads, c.head_dim, dtype)
+
+
+def fuse_projections(model: Decoder) -> None:
+    """Replace each layer's q/k/v and gate/up Linears, which read the same input, by one Linear each.
+
+    Every output element keeps its own weight row, so the products are those of the separate layers; fewer,
+    larger calls cost less where a call has its own overhead (the int8 draft quantizes its input per call).
+    """
+    for module in list(model.modules()):
+        if isinstance(module, Attention) and module.qkv_proj is None:
+            module.qkv_proj = _concat_linears([module.q_proj, module.k_proj, module.v_proj])
+            del module.q_proj, module.k_proj, module.v_proj
+        elif isinstance(module, MLP) and module.gate_up_proj is None:
+            module.gate_up_proj = _concat_linears([module.gate_proj, module.up_proj])
+            del module.gate_proj, module.up_proj
+
+
+def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    w = parts[0].weight
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
+    fused = fused.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts if p.bias is not None]))
+    return fused
