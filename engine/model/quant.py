@@ -70,17 +70,19 @@ class Int8Linear(nn.Module):
         )
 
 
-def quantize_int8(model: Decoder, *, include_lm_head: bool = True, act_bits: int = 8) -> Decoder:
+def quantize_int8(model: Decoder, *, include_lm_head: bool = True, act_bits: int = 8, fuse: bool = True) -> Decoder:
     """A new Decoder whose Linear layers are `Int8Linear`; `model` is untouched and embeddings stay fp32.
 
     q/k/v and gate/up are fused first, so each layer quantizes its two inputs once instead of five times; the
     scales are per output channel, so the fused products equal the separate ones bit for bit (tested).
+    `fuse=False` keeps the seven Linears of a layer (the baseline of benchmarks/draft_step.py).
 
     A tied `lm_head` is quantized from its own copy of the embedding matrix, so the copy's config is untied.
     `act_bits` below 8 coarsens the activation grid, for a draft that disagrees with the target more often.
     """
     draft = copy.deepcopy(model)
-    fuse_projections(draft)
+    if fuse:
+        fuse_projections(draft)
     keep: set[nn.Module] = set() if include_lm_head else {draft.lm_head}
     _replace_linears(draft, keep, act_bits)
     if include_lm_head and draft.config.tie_word_embeddings:
