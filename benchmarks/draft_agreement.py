@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from engine.model.assets import embedded_target_path
+from engine.model.assets import default_cache_dir, embedded_target_path
 from engine.model.decoder import Decoder
 from engine.model.loader import load_model
 from engine.model.protocol import ForwardBatch
@@ -295,8 +295,7 @@ def agreement_table(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    default_cache = Path(os.environ.get("AUTOJUDGE_CACHE_DIR", Path.home() / ".cache" / "autojudge"))
-    parser.add_argument("--cache-dir", type=Path, default=default_cache)
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=25, help="timed decode steps per model and batch size")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model.assets import embedded_target_path
+from engine.model.assets import default_cache_dir, embedded_target_path
 from engine.model.loader import load_model
 from engine.model.quant import quantize_int8
 from engine.runner import ModelRunner
@@ -23,14 +23,26 @@ from engine.runner import ModelRunner
 CPU = torch.device("cpu")
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def row_counts(text: str) -> list[int]:
+    if not all(r.isdigit() and int(r) > 0 for r in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive batch sizes, not {text!r}")
+    return [int(r) for r in text.split(",")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "autojudge")
-    p.add_argument("--rows", default="1,8", help="batch sizes")
-    p.add_argument("--context", type=int, default=96, help="cached tokens per row")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round and draft")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    p.add_argument("--rows", type=row_counts, default=[1, 8], help="batch sizes, a comma list")
+    p.add_argument("--context", type=positive, default=96, help="cached tokens per row")
+    p.add_argument("--rounds", type=positive, default=15)
+    p.add_argument("--steps", type=positive, default=10, help="timed steps per round and draft")
+    p.add_argument("--threads", type=positive, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     target = load_model(embedded_target_path(), cache_dir=args.cache_dir).model
@@ -39,7 +51,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, {args.context} cached tokens, {args.rounds} rounds x {args.steps} steps")
     print("| rows | fused ms | unfused ms | fused / unfused |")
     print("|---|---|---|---|")
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in args.rows:
         runners = {n: ModelRunner(d, d.new_cache(rows, args.context + 8), CPU) for n, d in drafts.items()}
         slots = list(range(rows))
         outs = {}

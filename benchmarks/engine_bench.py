@@ -58,6 +58,8 @@ BATCH1_ONLY_REASON = "transformers: assisted generate is only supported for batc
 
 # --- arguments --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from engine.model.assets import default_cache_dir
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=8, help="GSM8K test questions (the first N)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -71,8 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ks", default="2,4,8", help="draft tokens per cycle for the -k methods")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=GSM8K_TEST)
-    default_cache = os.environ.get("AUTOJUDGE_CACHE_DIR", str(Path.home() / ".cache" / "autojudge"))
-    p.add_argument("--cache-dir", type=Path, default=Path(default_cache))
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     p.add_argument("--json", type=Path, help="also write every figure (and the output tokens) as JSON here")
     p.add_argument("--skip-costs", action="store_true", help="skip the cost ratios and the logits check")
     p.add_argument(

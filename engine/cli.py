@@ -20,6 +20,7 @@ import torch
 
 from engine import build
 from engine.config import CacheConfig, EngineConfig, SpecConfig
+from engine.model.assets import default_cache_dir
 from engine.model.decoder import Decoder
 from engine.model.loader import LoadedModel
 from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
@@ -72,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=env("DTYPE", "float32"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
-    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE_DIR", str(Path.home() / ".cache/autojudge"))))
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     p.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
     return p.parse_args(argv)
 

@@ -27,7 +27,7 @@ class Scheduler:
         max_prefill_tokens: int,
         eos_token_ids: frozenset[int],
         detokenize: Detokenize | None,
-        reuse_prefix: bool = True,
+        reuse_prefix: bool,
     ) -> None:
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.max_waiting = max_waiting

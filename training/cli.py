@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from engine.model.assets import default_cache_dir
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokenizer_fingerprint
@@ -44,7 +45,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=env("DRAFT", "int8"), help=DRAFT_CHOICES_HELP)
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
-    p.add_argument("--cache-dir", type=Path, default=Path(env("CACHE_DIR", str(Path.home() / ".cache/autojudge"))))
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
 
 
 def add_problem_flags(p: argparse.ArgumentParser, default: str) -> None:

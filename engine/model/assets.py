@@ -189,11 +189,15 @@ def prepare_qwen_coder(cache_dir: Path) -> None:
     print("draft/target pair: tokenizers and vocab sizes compatible")
 
 
+def default_cache_dir() -> Path:
+    """Where converted models are cached: `AUTOJUDGE_CACHE_DIR`, else `~/.cache/autojudge`."""
+    return Path(os.environ.get("AUTOJUDGE_CACHE_DIR", str(Path.home() / ".cache" / "autojudge")))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.model.assets", description=__doc__)
     parser.add_argument("asset", choices=("smollm2", "qwen-coder"))
-    default_cache = os.environ.get("AUTOJUDGE_CACHE_DIR", str(Path.home() / ".cache" / "autojudge"))
-    parser.add_argument("--cache-dir", type=Path, default=Path(default_cache))
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = parser.parse_args(argv)
     if args.asset == "smollm2":
         prepare_smollm2(args.cache_dir)

@@ -199,11 +199,11 @@ def fuse_projections(model: Decoder) -> None:
 
 
 def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output rows are those of `parts`, in order (built on `meta`, so nothing is initialised)."""
     w = parts[0].weight
-    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None)
-    fused = fused.to(device=w.device, dtype=w.dtype)
+    fused = nn.Linear(w.shape[1], sum(p.out_features for p in parts), bias=parts[0].bias is not None, device="meta")
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]))
         if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts if p.bias is not None]))
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts if p.bias is not None]))
     return fused
