@@ -53,22 +53,17 @@ def attend(
 def _sdpa_with_cache(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch, cache: SlotKVCache
 ) -> torch.Tensor:
-    num_q = q.shape[1]
-    j = torch.arange(num_q, device=q.device)
-    pos = batch.cache_lens.long()[:, None] + j[None, :]  # [B, Q]
-    # NOTE: pad tokens are written to the last cache position, which no row ever holds as valid data
-    # (rows end at least one verify window before it), so writes need no host sync and no filtering.
-    pos = torch.where(j[None, :] < batch.q_lens[:, None], pos, cache.max_len - 1)
-    slots = batch.slot_ids[:, None].expand_as(pos)
-    cache.k[layer][slots, pos] = k.to(cache.k[layer].dtype)
-    cache.v[layer][slots, pos] = v.to(cache.v[layer].dtype)
+    slots = batch.slot_ids[:, None].expand_as(batch.write_pos)  # [B, Q]
+    cache.k[layer][slots, batch.write_pos] = k.to(cache.k[layer].dtype)
+    cache.v[layer][slots, batch.write_pos] = v.to(cache.v[layer].dtype)
 
     t = batch.max_kv_len
+    scattered = batch.slot_range is not None and not batch.rows_in_order
     if batch.slot_range is not None:
         lo, hi = batch.slot_range
         keys, values = cache.k[layer][lo:hi, :t], cache.v[layer][lo:hi, :t]  # views [R, T, KVH, hd]
-        rows = batch.slot_ids - lo
-        q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy(0, rows, q)  # absent rows attend to key 0
+        if scattered:  # absent rows attend to key 0 and are dropped below
+            q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy(0, batch.slot_ids - lo, q)
     else:
         keys = cache.k[layer][:, :t].index_select(0, batch.slot_ids)  # [B, T, KVH, hd]
         values = cache.v[layer][:, :t].index_select(0, batch.slot_ids)
@@ -79,4 +74,4 @@ def _sdpa_with_cache(
         attn_mask=batch.attn_mask,
         enable_gqa=True,
     ).transpose(1, 2)
-    return out.index_select(0, rows) if batch.slot_range is not None else out
+    return out.index_select(0, batch.slot_ids - lo) if scattered else out

@@ -25,10 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalise in fp32 like the reference implementation, then cast back and scale in x's dtype.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:  # [hd/2] fp32
@@ -50,9 +48,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:  # [hd/2] fp32
     return torch.where(medium, smoothed, scaled)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # [B, Q, heads, hd]
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -66,7 +64,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=config.o_bias)
-        self.qkv_sizes = [config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
         self.qkv_proj = None
 
     def forward(
@@ -79,17 +76,17 @@ class Attention(nn.Module):
         cache: SlotKVCache | None,
     ) -> torch.Tensor:  # [B, Q, D]
         b, q_len, _ = x.shape
+        h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.reshape(b, q_len, self.num_heads, self.head_dim)
-        k = k.reshape(b, q_len, self.num_kv_heads, self.head_dim)
-        v = v.reshape(b, q_len, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+            q = _rope(self.q_proj(x).reshape(b, q_len, h, hd), cos, sin)
+            k = _rope(self.k_proj(x).reshape(b, q_len, kvh, hd), cos, sin)
+            v = self.v_proj(x).reshape(b, q_len, kvh, hd)
+        else:  # one rotation for the q and k heads together: fewer, larger ops (elementwise, so same values)
+            qkv = self.qkv_proj(x).reshape(b, q_len, h + 2 * kvh, hd)
+            q, k = torch.split(_rope(qkv[:, :, : h + kvh], cos, sin), [h, kvh], dim=2)
+            v = qkv[:, :, h + kvh :]
         out = attend(q, k, v, layer, batch, cache)
-        return self.o_proj(out.reshape(b, q_len, -1))
+        return self.o_proj(out.reshape(b, q_len, h * hd))
 
 
 class MLP(nn.Module):

@@ -24,8 +24,11 @@ class ForwardBatch:
     cache_lens: torch.Tensor  # [B] int32, valid cached positions before this forward
     q_lens: torch.Tensor  # [B] int32, real (unpadded) tokens in this forward
     max_kv_len: int  # max(cache_lens + q_lens)
+    # SDPA path: cache position each fed token's K/V is written to; -1 (the last position) for pads.
+    write_pos: torch.Tensor  # [B, Q] int64
     # SDPA path: attend over cache rows [lo, hi) in place when set (no K/V copy), else over gathered rows.
     slot_range: tuple[int, int] | None
+    rows_in_order: bool  # slot_ids == lo, lo + 1, ..., hi - 1: batch rows are the cache rows, no scatter/gather
     attn_mask: torch.Tensor  # [R, 1, Q, T] bool, R = hi - lo or B; key k visible to query j iff k <= len + j
 
     @staticmethod
@@ -37,6 +40,10 @@ class ForwardBatch:
             ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         lens = torch.tensor(cache_lens, dtype=torch.long)
         positions = lens[:, None] + torch.arange(q)[None, :]
+        q_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        # NOTE: pads write to the last cache position (index -1), which no row ever holds as valid data (rows
+        # end at least one verify window before it), so the layers' writes need no filtering.
+        write_pos = torch.where(torch.arange(q)[None, :] < q_lens[:, None], positions, -1)
         max_kv_len = max(c + len(r) for c, r in zip(cache_lens, rows, strict=True))
         lo, hi = min(slot_ids), max(slot_ids) + 1
         # Rows that sit close together in the cache are attended in place; padding the few absent rows
@@ -51,9 +58,11 @@ class ForwardBatch:
             positions=positions.to(device),
             slot_ids=torch.tensor(slot_ids, dtype=torch.long, device=device),
             cache_lens=lens.to(device=device, dtype=torch.int32),
-            q_lens=torch.tensor([len(r) for r in rows], dtype=torch.int32, device=device),
+            q_lens=q_lens.to(device=device, dtype=torch.int32),
             max_kv_len=max_kv_len,
+            write_pos=write_pos.to(device),
             slot_range=slot_range,
+            rows_in_order=slot_ids == list(range(lo, hi)),
             attn_mask=mask[:, None].to(device),
         )
 

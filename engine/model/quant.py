@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        amax = x2.abs().amax(dim=1, keepdim=True).clamp_min_(_EPS)  # [M, 1]
+        amax = torch.linalg.vector_norm(x2, math.inf, dim=1, keepdim=True).clamp_min_(_EPS)  # [M, 1] max |x|
         inv = torch.div(self.act_qmax, amax)  # [M, 1]
         # A fresh tensor, so its rows start aligned for the kernel's loads.
         xq = torch.mul(x2, inv).round_().to(torch.bfloat16)  # [M, K] integers in [-qmax, qmax]
