@@ -18,12 +18,16 @@ from engine.client import (
 )
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from engine.engine import Engine
+from engine.model.assets import DEFAULT_CACHE_DIR
+from engine.model.pair import PAIRS
 from engine.spec.judging import LOSSLESS
 from engine.types import Request, RequestOutput, RowCycleStats, SamplingParams, SpecCounts, SpecParams, StepStats
 
 __all__ = [
+    "DEFAULT_CACHE_DIR",
     "DTYPES",
     "LOSSLESS",
+    "PAIRS",
     "AsyncEngine",
     "CacheConfig",
     "Engine",

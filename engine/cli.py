@@ -1,14 +1,14 @@
 """`autojudge generate`: load a draft/target pair (the embedded default unless told otherwise), run a batch of
 prompts through the speculative engine, print each completion and the acceptance statistics.
 
-This module is the engine's composition root: it alone reads environment variables and loads checkpoints.
+This module is the engine's composition root: with `engine.flags` it alone reads environment variables, and it
+loads the checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,10 +20,10 @@ import torch
 
 from engine import build
 from engine.config import CacheConfig, EngineConfig, SpecConfig
-from engine.model.assets import default_cache_dir
+from engine.flags import add_pair_flags, env
 from engine.model.decoder import Decoder
 from engine.model.loader import LoadedModel
-from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
+from engine.model.pair import load_pair
 from engine.scheduler import QueueFullError
 from engine.spec.judging import HeadJudge
 from engine.types import Request, RequestOutput, SamplingParams, SpecCounts, SpecParams, StepStats
@@ -35,22 +35,12 @@ DEFAULT_PROMPT = (
 )
 
 
-def env(name: str, default: str) -> str:
-    return os.environ.get(f"AUTOJUDGE_{name}", default)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="autojudge generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="autojudge generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: a GSM8K question")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line")
     p.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
-    p.add_argument("--pair", choices=("smollm2", "qwen-coder"), default=env("PAIR", "smollm2"))
-    p.add_argument("--target", help="target: a Hugging Face directory or a .gguf file (overrides --pair)")
-    p.add_argument(
-        "--draft",
-        default=env("DRAFT", "int8"),
-        help=DRAFT_CHOICES_HELP,
-    )
+    add_pair_flags(p)
     p.add_argument(
         "--heads",
         default=env("HEADS", "shipped"),
@@ -70,10 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--slots", type=int, default=int(env("MAX_SLOTS", "8")))
     p.add_argument("--max-model-len", type=int, default=int(env("MAX_MODEL_LEN", "2048")))
-    p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=env("DTYPE", "float32"))
-    p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     p.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
     return p.parse_args(argv)
 

@@ -12,7 +12,17 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from engine import DTYPES, CacheConfig, EngineConfig, ModelSource, ProfileSpec, SchedulerConfig, SpecConfig
+from engine import (
+    DEFAULT_CACHE_DIR,
+    DTYPES,
+    PAIRS,
+    CacheConfig,
+    EngineConfig,
+    ModelSource,
+    ProfileSpec,
+    SchedulerConfig,
+    SpecConfig,
+)
 
 ENV_PREFIX = "AUTOJUDGE_"
 SPEC_METRICS = ("none", "summary", "detailed")
@@ -43,7 +53,7 @@ class Settings:
     profiles: str | None = _opt(None, "task profiles file (TOML or JSON); default: lossless + one per head in heads")
     spec_metrics: str = _opt("summary", "none | summary | detailed: per-request stats of requests that ask none")
     log_level: str = _opt("info", "debug | info | warning | error")
-    pair: str = _opt("smollm2", "named model pair: smollm2 | qwen-coder")
+    pair: str = _opt(PAIRS[0], "named model pair: " + " | ".join(PAIRS))
     target: str | None = _opt(None, "target checkpoint: a Hugging Face directory or .gguf file (overrides pair)")
     draft: str = _opt("int8", "int8 | int8-body | none | a draft checkpoint")
     heads: str = _opt("shipped", "judge heads: shipped | none | a directory of <profile>/head.json folders")
@@ -51,9 +61,10 @@ class Settings:
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _opt("float32", " | ".join(DTYPES))
     threads: int = _opt(0, "CPU threads for torch (0: torch's default)")
-    cache_dir: str = _opt(str(Path.home() / ".cache" / "autojudge"), "converted-model cache")
+    cache_dir: str = _opt(str(DEFAULT_CACHE_DIR), "converted-model cache")
     max_slots: int = _opt(8, "batch slots (requests decoded together)")
     max_model_len: int = _opt(2048, "context limit: prompt + max_tokens")
+    reuse_prefix: bool = _opt(True, "keep a finished request's K/V in its slot and reuse a shared prompt prefix")
     max_waiting: int = _opt(64, "requests waiting for a slot before 429")
     max_speculative_tokens: int = _opt(8, "largest window K a request may ask for")
     num_speculative_tokens: int = _opt(4, "default window K")
@@ -87,7 +98,9 @@ class Settings:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            cache=CacheConfig(max_slots=self.max_slots, max_model_len=self.max_model_len),
+            cache=CacheConfig(
+                max_slots=self.max_slots, max_model_len=self.max_model_len, reuse_prefix=self.reuse_prefix
+            ),
             spec=SpecConfig(
                 max_speculative_tokens=self.max_speculative_tokens,
                 default_speculative_tokens=self.num_speculative_tokens,

@@ -34,6 +34,8 @@ def test_json_file_and_boolean_flags(tmp_path):
     path.write_text(json.dumps({"bonus_token": False, "target": "none"}))
     s = load_settings(["--config", str(path), "--bonus-token"], {"AUTOJUDGE_REQUEST_TIMEOUT": "2.5"})
     assert s.bonus_token is True and s.target is None and s.request_timeout == 2.5
+    assert load_settings(["--no-reuse-prefix"], {}).engine_config().cache.reuse_prefix is False
+    assert load_settings([], {}).engine_config().cache.reuse_prefix is True
 
 
 @pytest.mark.parametrize(

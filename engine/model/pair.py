@@ -12,6 +12,7 @@ from engine.model.decoder import Decoder
 from engine.model.loader import LoadedModel, check_pair, load_model
 from engine.model.quant import quantize_int8
 
+PAIRS = ("smollm2", "qwen-coder")  # named pairs; the first is the embedded default
 DRAFT_CHOICES_HELP = (
     "'int8' (int8 copy of the target, the default), 'int8-body' (lm_head kept fp32), 'none', "
     "or a Hugging Face directory / .gguf file"
@@ -36,7 +37,7 @@ def load_pair(
     elif pair == "smollm2":
         target_path = embedded_target_path()
     else:
-        raise ValueError(f"unknown pair {pair!r}; choose smollm2 or qwen-coder, or give --target")
+        raise ValueError(f"unknown pair {pair!r}; choose one of {', '.join(PAIRS)}, or give --target")
     loaded = load_model(target_path, dtype=dtype, device=device, cache_dir=cache_dir)
     if draft == "none":
         return loaded, None

@@ -1,0 +1,74 @@
+"""One cached decode step (forward + logits) of the embedded target and its int8 draft, at a few batch sizes.
+
+Prints one markdown row per run: the median milliseconds of each. It imports only the engine, so it also times
+an older checkout: run it alternately with `PYTHONPATH` on each checkout and compare the rows (an A/B of two
+commits on a noisy machine). From the repository root: `PYTHONPATH=. .venv/bin/python benchmarks/step_cost.py`
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine.model.assets import default_cache_dir, embedded_target_path
+from engine.model.decoder import Decoder
+from engine.model.loader import load_model
+from engine.model.quant import quantize_int8
+from engine.runner import ModelRunner
+
+CPU = torch.device("cpu")
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def row_counts(text: str) -> list[int]:
+    if not all(r.isdigit() and int(r) > 0 for r in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive batch sizes, not {text!r}")
+    return [int(r) for r in text.split(",")]
+
+
+def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> float:
+    """Median ms of a 1-token step per row after `context` cached tokens (the same position every time)."""
+    runner = ModelRunner(model, model.new_cache(rows, len(context) + 8), CPU)
+    slots = list(range(rows))
+    runner.forward([context[:-1]] * rows, [0] * rows, slots)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        t0 = time.perf_counter()
+        runner.logits(runner.forward([context[-1:]] * rows, [len(context) - 1] * rows, slots))
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    p.add_argument("--rows", type=row_counts, default=[1, 8], help="batch sizes, a comma list")
+    p.add_argument("--context", type=positive, default=96, help="cached tokens per row")
+    p.add_argument("--steps", type=positive, default=30, help="timed steps per model and batch size")
+    p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--header", action="store_true", help="print the table header first")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    target = load_model(embedded_target_path(), cache_dir=args.cache_dir).model
+    draft = quantize_int8(target)
+    context = [(17 * i + 5) % target.config.vocab_size for i in range(args.context + 1)]
+    models = {"draft": draft, "target": target}
+    if args.header:
+        cols = [f"{n} b={r} ms" for n in models for r in args.rows]
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    cells = [f"{step_ms(m, r, context, args.steps):.1f}" for m in models.values() for r in args.rows]
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
