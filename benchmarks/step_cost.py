@@ -1,6 +1,7 @@
 """One cached decode step (forward + logits) of the embedded target and its int8 draft, at a few batch sizes.
 
-Prints one markdown row per run: the median milliseconds of each. It imports only the engine, so it also times
+Prints one markdown row per run: the median and the fastest step of each, in ms (the fastest is the figure
+to compare across runs: this machine's noise only ever adds time). It imports only the engine, so it also times
 an older checkout: run it alternately with `PYTHONPATH` on each checkout and compare the rows (an A/B of two
 commits on a noisy machine). From the repository root: `PYTHONPATH=. .venv/bin/python benchmarks/step_cost.py`
 """
@@ -35,8 +36,8 @@ def row_counts(text: str) -> list[int]:
     return [int(r) for r in text.split(",")]
 
 
-def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> float:
-    """Median ms of a 1-token step per row after `context` cached tokens (the same position every time)."""
+def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> tuple[float, float]:
+    """Median and fastest ms of a 1-token step per row after `context` cached tokens (the same position)."""
     runner = ModelRunner(model, model.new_cache(rows, len(context) + 8), CPU)
     slots = list(range(rows))
     runner.forward([context[:-1]] * rows, [0] * rows, slots)
@@ -46,7 +47,7 @@ def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> float:
         runner.logits(runner.forward([context[-1:]] * rows, [len(context) - 1] * rows, slots))
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), 1000 * min(times)
 
 
 def main() -> None:
@@ -64,9 +65,9 @@ def main() -> None:
     context = [(17 * i + 5) % target.config.vocab_size for i in range(args.context + 1)]
     models = {"draft": draft, "target": target}
     if args.header:
-        cols = [f"{n} b={r} ms" for n in models for r in args.rows]
+        cols = [f"{n} b={r} ms (median / fastest)" for n in models for r in args.rows]
         print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    cells = [f"{step_ms(m, r, context, args.steps):.1f}" for m in models.values() for r in args.rows]
+    cells = ["{:.1f} / {:.1f}".format(*step_ms(m, r, context, args.steps)) for m in models.values() for r in args.rows]
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
