@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from argtypes import positive, positive_list
 
 from engine.model.assets import default_cache_dir, embedded_target_path
 from engine.model.decoder import Decoder
@@ -22,18 +23,6 @@ from engine.model.quant import quantize_int8
 from engine.runner import ModelRunner
 
 CPU = torch.device("cpu")
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return int(text)
-
-
-def row_counts(text: str) -> list[int]:
-    if not all(r.isdigit() and int(r) > 0 for r in text.split(",")):
-        raise argparse.ArgumentTypeError(f"expected a comma list of positive batch sizes, not {text!r}")
-    return [int(r) for r in text.split(",")]
 
 
 def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> tuple[float, float]:
@@ -53,7 +42,7 @@ def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> tuple[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    p.add_argument("--rows", type=row_counts, default=[1, 8], help="batch sizes, a comma list")
+    p.add_argument("--rows", type=positive_list, default=[1, 8], help="batch sizes, a comma list")
     p.add_argument("--context", type=positive, default=96, help="cached tokens per row")
     p.add_argument("--steps", type=positive, default=30, help="timed steps per model and batch size")
     p.add_argument("--threads", type=positive, default=2)
