@@ -57,13 +57,12 @@ def _sdpa_with_cache(
     cache.k[layer][slots, batch.write_pos] = k.to(cache.k[layer].dtype)
     cache.v[layer][slots, batch.write_pos] = v.to(cache.v[layer].dtype)
 
-    t = batch.max_kv_len
-    scattered = batch.slot_range is not None and not batch.rows_in_order
+    t, rows = batch.max_kv_len, batch.scatter_rows
     if batch.slot_range is not None:
         lo, hi = batch.slot_range
         keys, values = cache.k[layer][lo:hi, :t], cache.v[layer][lo:hi, :t]  # views [R, T, KVH, hd]
-        if scattered:  # absent rows attend to key 0 and are dropped below
-            q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy(0, batch.slot_ids - lo, q)
+        if rows is not None:  # absent rows attend to key 0 and are dropped below
+            q = q.new_zeros((hi - lo, *q.shape[1:])).index_copy(0, rows, q)
     else:
         keys = cache.k[layer][:, :t].index_select(0, batch.slot_ids)  # [B, T, KVH, hd]
         values = cache.v[layer][:, :t].index_select(0, batch.slot_ids)
@@ -74,4 +73,4 @@ def _sdpa_with_cache(
         attn_mask=batch.attn_mask,
         enable_gqa=True,
     ).transpose(1, 2)
-    return out.index_select(0, batch.slot_ids - lo) if scattered else out
+    return out if rows is None else out.index_select(0, rows)

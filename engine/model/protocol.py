@@ -28,7 +28,8 @@ class ForwardBatch:
     write_pos: torch.Tensor  # [B, Q] int64
     # SDPA path: attend over cache rows [lo, hi) in place when set (no K/V copy), else over gathered rows.
     slot_range: tuple[int, int] | None
-    rows_in_order: bool  # slot_ids == lo, lo + 1, ..., hi - 1: batch rows are the cache rows, no scatter/gather
+    # In place with rows absent or out of order: batch row b is row scatter_rows[b] of the range (slot - lo).
+    scatter_rows: torch.Tensor | None  # [B] int64; None when the batch rows are the cache rows in order
     attn_mask: torch.Tensor  # [R, 1, Q, T] bool, R = hi - lo or B; key k visible to query j iff k <= len + j
 
     @staticmethod
@@ -49,9 +50,12 @@ class ForwardBatch:
         # Rows that sit close together in the cache are attended in place; padding the few absent rows
         # costs less than copying every row's K/V in every layer.
         slot_range = (lo, hi) if hi - lo <= 2 * len(rows) else None
-        mask_lens = lens
+        mask_lens, scatter_rows = lens, None
         if slot_range is not None:
-            mask_lens = torch.zeros(hi - lo, dtype=torch.long).index_copy(0, torch.tensor(slot_ids) - lo, lens)
+            in_range = torch.tensor(slot_ids, dtype=torch.long) - lo  # [B] row of each batch row in [lo, hi)
+            mask_lens = torch.zeros(hi - lo, dtype=torch.long).index_copy(0, in_range, lens)
+            if slot_ids != list(range(lo, hi)):
+                scatter_rows = in_range.to(device)
         mask = torch.arange(max_kv_len)[None, None, :] <= mask_lens[:, None, None] + torch.arange(q)[None, :, None]
         return ForwardBatch(
             input_ids=ids.to(device),
@@ -62,7 +66,7 @@ class ForwardBatch:
             max_kv_len=max_kv_len,
             write_pos=write_pos.to(device),
             slot_range=slot_range,
-            rows_in_order=slot_ids == list(range(lo, hi)),
+            scatter_rows=scatter_rows,
             attn_mask=mask[:, None].to(device),
         )
 
