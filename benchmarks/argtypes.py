@@ -1,0 +1,18 @@
+"""argparse types the benchmark scripts share: a bad count is a usage error naming the value, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def positive_list(text: str) -> list[int]:
+    """`1,8` -> [1, 8]."""
+    if not all(r.isdigit() and int(r) > 0 for r in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, not {text!r}")
+    return [int(r) for r in text.split(",")]
