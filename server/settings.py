@@ -60,6 +60,7 @@ class Settings:
     served_model_name: str | None = _opt(None, "model id in the API (default: the target file name)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _opt("float32", " | ".join(DTYPES))
+    quantize: str = _opt("none", "none | int8: W8A8 target and draft checkpoint (the heads record which)")
     threads: int = _opt(0, "CPU threads for torch (0: torch's default)")
     cache_dir: str = _opt(str(DEFAULT_CACHE_DIR), "converted-model cache")
     max_slots: int = _opt(8, "batch slots (requests decoded together)")
@@ -90,6 +91,7 @@ class Settings:
             heads=self.heads,
             device=self.device,
             dtype=self.dtype,
+            quantize=self.quantize,
             threads=self.threads,
             cache_dir=Path(self.cache_dir),
             model_name=self.served_model_name,

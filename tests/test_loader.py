@@ -41,6 +41,7 @@ from engine.model.assets import (
     find_smollm2_gguf,
 )
 from engine.model.decoder import Decoder
+from engine.model.fingerprint import describe_model
 from engine.model.loader import (
     MANIFEST,
     CheckpointError,
@@ -50,7 +51,9 @@ from engine.model.loader import (
     load_model,
     tokenizer_fingerprint,
 )
+from engine.model.pair import load_pair
 from engine.model.protocol import ForwardBatch
+from engine.model.quant import quantize_int8
 
 VOCAB = 97
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 7, 33, 96, 0, 12, 70, 25, 54, 8, 19, 90, 2, 47, 66, 31, 14, 80]
@@ -383,3 +386,28 @@ def test_embedded_smollm2_matches_transformers(autojudge_cache: Path, monkeypatc
     again = load_model(gguf, cache_dir=autojudge_cache)
     assert again.model_dir == loaded.model_dir
     assert tokenizer_fingerprint(again.tokenizer) == tokenizer_fingerprint(loaded.tokenizer)
+
+
+def test_load_pair_quantize_int8_serves_int8_target_and_draft_checkpoint(tmp_path: Path) -> None:
+    _save_tiny(tmp_path / "target", arch="qwen2")
+    _save_tiny(tmp_path / "draft", arch="qwen2", tied=False)
+    kw = {"pair": "smollm2", "dtype": torch.float32, "device": torch.device("cpu"), "cache_dir": tmp_path / "c"}
+    target, draft = load_pair(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"), quantize="int8", **kw)
+    assert draft is not None
+    for model in (target.model, draft):
+        assert describe_model(model)["quantization"] == "int8-w8a8(lm_head=int8)"
+    plain, plain_draft = load_pair(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"), **kw)
+    assert plain_draft is not None
+    assert describe_model(plain.model)["quantization"] == describe_model(plain_draft)["quantization"] == "none"
+    batch = ForwardBatch.build([PROMPT], [0], [0], torch.device("cpu"))
+    with torch.no_grad():
+        ours = target.model.compute_logits(target.model(batch, None))  # [1, Q, V]
+        want = quantize_int8(plain.model).compute_logits(quantize_int8(plain.model)(batch, None))
+    assert torch.equal(ours, want)  # the served target is exactly quantize_int8 of the checkpoint
+    # an int8-copy draft is quantized from the unquantized target, so it equals the int8 target itself
+    _, copy_draft = load_pair(target=str(tmp_path / "target"), draft="int8", quantize="int8", **kw)
+    assert copy_draft is not None
+    with torch.no_grad():
+        assert torch.equal(copy_draft.compute_logits(copy_draft(batch, None)), want)
+    with pytest.raises(ValueError, match="quantize must be one of none, int8"):
+        load_pair(target=str(tmp_path / "target"), draft="none", quantize="int4", **kw)

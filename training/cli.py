@@ -54,6 +54,7 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder]:
         dtype=torch.float32,  # labels and features in fp32 (method §8, pitfall 7)
         device=torch.device(args.device),
         cache_dir=args.cache_dir,
+        quantize=args.quantize,
     )
     if draft is None:
         raise ValueError("mining and evaluation need a draft model (--draft none is not allowed here)")
@@ -155,7 +156,7 @@ def unpack_labels(argv: Sequence[str]) -> int:
     problems = {prob.prompt_id: prob for s in sorted(sources) for prob in load_problems(s, data_dir=args.data_dir)}
     target, _ = load_pair(
         pair=args.pair, target=args.target, draft="none", dtype=torch.float32, device=torch.device("cpu"),
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, quantize=args.quantize,
     )  # fmt: skip
 
     def prompt_of(prompt_id: str) -> list[int] | None:

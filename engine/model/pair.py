@@ -3,6 +3,7 @@ or any checkpoints; the one place both command lines get their models from."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from engine.model.loader import LoadedModel, check_pair, load_model
 from engine.model.quant import quantize_int8
 
 PAIRS = ("smollm2", "qwen-coder")  # named pairs; the first is the embedded default
+QUANTIZE = ("none", "int8")  # int8: W8A8 Int8Linear for the target and a draft checkpoint (docs/qwen-pair.md)
 DRAFT_CHOICES_HELP = (
     "'int8' (int8 copy of the target, the default), 'int8-body' (lm_head kept fp32), 'none', "
     "or a Hugging Face directory / .gguf file"
@@ -27,8 +29,15 @@ def load_pair(
     dtype: torch.dtype,
     device: torch.device,
     cache_dir: Path,
+    quantize: str = "none",
 ) -> tuple[LoadedModel, Decoder | None]:
-    """Target and draft; `target` overrides `pair`; a draft checkpoint must share the target's tokenizer."""
+    """Target and draft; `target` overrides `pair`; a draft checkpoint must share the target's tokenizer.
+
+    `quantize="int8"` serves the target and a draft checkpoint through W8A8 `Int8Linear`; an int8-copy draft is
+    made from the unquantized target as always. The pair fingerprint records it, so heads follow the precision.
+    """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     draft_path: Path | None = None
     if target:
         target_path = Path(target)
@@ -39,10 +48,17 @@ def load_pair(
     else:
         raise ValueError(f"unknown pair {pair!r}; choose one of {', '.join(PAIRS)}, or give --target")
     loaded = load_model(target_path, dtype=dtype, device=device, cache_dir=cache_dir)
+    served = _quantized(loaded, quantize)
     if draft == "none":
-        return loaded, None
+        return served, None
     if draft in ("int8", "int8-body") and draft_path is None:
-        return loaded, quantize_int8(loaded.model, include_lm_head=draft == "int8")
+        return served, quantize_int8(loaded.model, include_lm_head=draft == "int8")
     other = load_model(draft_path or Path(draft), dtype=dtype, device=device, cache_dir=cache_dir)
     check_pair(other, loaded)
-    return loaded, other.model
+    return served, _quantized(other, quantize).model
+
+
+def _quantized(loaded: LoadedModel, quantize: str) -> LoadedModel:
+    if quantize == "none":
+        return loaded
+    return dataclasses.replace(loaded, model=quantize_int8(loaded.model))
