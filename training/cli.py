@@ -23,7 +23,8 @@ from judge.features import LAYOUTS
 from judge.io import TENSORS, load_head, pair_difference, save_head
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
-from training.features import collect_features, load_features, read_labels, save_features
+from training.features import collect_features, load_features, read_labels, save_features, without_prompts
+from training.folds import Fold, parse_fold
 from training.labelpack import read_packed, unpack_all, write_packed
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
@@ -32,6 +33,13 @@ from training.tracelog import decode_with_log
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
+
+
+def fold_arg(text: str) -> Fold:
+    try:
+        return parse_fold(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def add_problem_flags(p: argparse.ArgumentParser, default: str) -> None:
@@ -215,10 +223,13 @@ def fit(argv: Sequence[str]) -> int:
     p.add_argument(
         "--folds", type=int, default=0, help="K-fold cross-validation by prompt instead of one 10%% part (refits all)"
     )
+    p.add_argument("--exclude-fold", type=fold_arg, help="F/K: fit without the problems of fold F (cross-fitting)")
     args = p.parse_args(argv)
     if not 0.0 < args.default_recall <= 1.0:
         raise ValueError("--default-recall must be in (0, 1]")
     fs = load_features(args.features)
+    if args.exclude_fold is not None:
+        fs = without_prompts(fs, args.exclude_fold.holds)
     config = FitConfig(
         layout=args.layout,
         seed=args.seed,
@@ -231,6 +242,7 @@ def fit(argv: Sequence[str]) -> int:
         "features": {"path": str(args.features), "sha256": sha256_file(args.features)},
         "labels": fs.meta.get("labels", []),
         "command": "autojudge-train fit " + " ".join(argv),
+        "excluded_fold": None if args.exclude_fold is None else str(args.exclude_fold),
     }
     head, report = fit_head(fs, config, provenance)
     save_head(head, args.out)
@@ -256,6 +268,16 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def check_held_out(head_meta: dict[str, Any], fold: Fold, where: Path) -> None:
+    """The head that judges fold F must have been fitted without it (no problem's own labels judge it)."""
+    excluded = head_meta.get("provenance", {}).get("excluded_fold")
+    if excluded != str(fold):
+        raise ValueError(
+            f"--fold {fold} needs a head fitted with --exclude-fold {fold}; {where} excluded "
+            f"{excluded or 'no fold'}, so it may have seen these problems' labels"
+        )
+
+
 def evaluate(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="autojudge-train evaluate", description="Sweep judge thresholds and baselines on held-out problems."
@@ -273,11 +295,18 @@ def evaluate(argv: Sequence[str]) -> int:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--slots", type=int, default=48, help="sequences decoded at once")
     p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--fold", type=fold_arg, help="F/K: only the problems of fold F (the head fitted without it)")
     args = p.parse_args(argv)
     windows = tuple(sorted(int(w) for w in floats(args.windows)))
     if not windows or min(windows) < 1:
         raise ValueError("--windows must list positive integers")
     problems = select_problems(args)
+    if args.fold is not None:
+        problems = [prob for prob in problems if args.fold.holds(prob.prompt_id)]
+    if not problems:
+        raise ValueError("no problems selected (check --offset, --limit and --fold)")
+    if args.head and args.fold is not None:
+        check_held_out(load_head(args.head).meta, args.fold, args.head)
     target, draft = load_models(args)
     pair = fingerprint(target, draft)
     head = load_head(args.head, pair) if args.head else None
@@ -330,6 +359,7 @@ def evaluate(argv: Sequence[str]) -> int:
         "pair": pair,
         "head": str(args.head) if args.head else None,
         "source": args.source,
+        "fold": None if args.fold is None else str(args.fold),
         "problems": len(problems),
         "max_new_tokens": args.max_new_tokens,
         "windows": windows,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,18 @@ def _mining_meta(records: list[dict[str, Any]]) -> dict[str, Any]:
     sources = sorted({r["meta"]["source"] for r in records})
     budgets = sorted({r["meta"]["max_new_tokens"] for r in records})
     return {"sources": sources, "max_new_tokens": budgets, "oracle": records[0]["meta"]["oracle"]}
+
+
+def without_prompts(fs: FeatureSet, drop: Callable[[str], bool]) -> FeatureSet:
+    """The mismatches of the prompts `drop` rejects, re-indexed; `meta` notes how many prompts were dropped."""
+    kept = [i for i, pid in enumerate(fs.prompt_ids) if not drop(pid)]
+    remap = torch.full((len(fs.prompt_ids),), -1, dtype=torch.int64)  # [P] old prompt index -> new, -1 dropped
+    remap[kept] = torch.arange(len(kept))
+    new_index = remap[fs.prompt_index]  # [N]
+    rows = new_index >= 0  # [N]
+    meta = {**fs.meta, "prompts_dropped": len(fs.prompt_ids) - len(kept)}
+    ids = [fs.prompt_ids[i] for i in kept]
+    return FeatureSet(fs.dd[rows], fs.dt[rows], fs.labels[rows], new_index[rows], fs.positions[rows], ids, meta)
 
 
 def save_features(fs: FeatureSet, path: Path) -> None:
