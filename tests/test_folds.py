@@ -54,7 +54,7 @@ def test_fit_without_a_fold_records_it_and_evaluation_checks_it(tmp_path: Path) 
     assert meta["provenance"]["excluded_fold"] == "1/5"
     assert meta["fit"]["counts"]["prompts"] == 32  # 40 prompts, 8 of them in fold 1
     check_held_out(meta, Fold(1, 5), out)
-    with pytest.raises(ValueError, match="--exclude-fold 2/5; .* excluded 1/5"):
+    with pytest.raises(ValueError, match=r"--exclude-fold 2/5; .* excluded 1/5"):
         check_held_out(meta, Fold(2, 5), out)
     with pytest.raises(ValueError, match="excluded no fold"):
         check_held_out({"provenance": {}}, Fold(0, 5), out)
