@@ -11,8 +11,11 @@ import torch
 from test_judge_heads import synthetic_features
 
 from training.cli import check_held_out, main
+from training.crossfit import Point, check_runs, pool, problem_records
+from training.evaluate import ProblemResult, summarise
 from training.features import save_features, without_prompts
 from training.folds import Fold, fold_of, parse_fold
+from training.replay import Method
 
 
 def test_parse_fold_reads_f_of_k_and_names_bad_text() -> None:
@@ -65,3 +68,41 @@ def test_bad_fold_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> 
         main(["fit", "--features", "x", "--out", "y", "--exclude-fold", "5/5"])
     assert exit_info.value.code == 2
     assert "a fold is F/K with K >= 2 and 0 <= F < K, not 5/5" in capsys.readouterr().err
+
+
+def _result(pid: str, correct: bool, tokens: int = 10) -> ProblemResult:
+    return ProblemResult(pid, "y" if correct else "n", correct, tokens, {8: 4, 32: 2}, 3, 1)
+
+
+def test_pool_joins_each_folds_quantile_and_counts_shared_baselines_once() -> None:
+    fold0 = {Method("lossless"): [_result("t/0", True)], Method("autojudge", 0.31): [_result("t/0", True, 8)]}
+    fold1 = {Method("lossless"): [_result("t/1", True)], Method("autojudge", 0.47): [_result("t/1", False, 7)]}
+    everything = {Method("lossless"): [_result("t/0", True), _result("t/1", True)]}
+    runs = {
+        "f0": list(problem_records(fold0, {Method("autojudge", 0.31): 12})),
+        "f1": list(problem_records(fold1, {Method("autojudge", 0.47): 12})),
+        "all": [json.loads(json.dumps(r)) for r in problem_records(everything, {})],  # through JSON, as on disk
+    }
+    pooled = pool(runs)
+    judge = Point("autojudge", 12.0, "autojudge q=12")
+    assert set(pooled) == {Point("lossless", 0.0, "lossless"), judge}
+    assert [r.prompt_id for r in pooled[judge]] == ["t/0", "t/1"]
+    rows = {r["label"]: r for r in summarise(pooled, Point("lossless", 0.0, "lossless"), (8, 32))}
+    assert rows["autojudge q=12"]["agreement"] == 0.5
+    assert rows["autojudge q=12"]["accuracy_drop_points"] == 50.0
+    assert rows["lossless"]["accuracy_drop_points"] == 0.0
+    assert rows["autojudge q=12"]["accuracy_drop_lo"] < 50.0 < rows["autojudge q=12"]["accuracy_drop_hi"]
+    runs["bad"] = list(problem_records({Method("lossless"): [_result("t/1", False)]}, {}))
+    with pytest.raises(ValueError, match="bad: lossless on t/1 differs from an earlier run"):
+        pool(runs)
+    with pytest.raises(ValueError, match="explicit thresholds cannot be pooled"):
+        pool({"x": list(problem_records({Method("autojudge", 0.3): [_result("t/0", True)]}, {}))})
+
+
+def test_pooled_runs_must_share_their_setup_and_cover_distinct_folds() -> None:
+    base = {"pair": {"a": 1}, "source": "humaneval-all", "max_new_tokens": 256, "windows": [8, 32]}
+    check_runs({"f0": {**base, "fold": "0/5"}, "f1": {**base, "fold": "1/5"}, "all": {**base, "fold": None}})
+    with pytest.raises(ValueError, match="differ in max_new_tokens"):
+        check_runs({"f0": base, "f1": {**base, "max_new_tokens": 512}})
+    with pytest.raises(ValueError, match="two runs evaluate the same fold"):
+        check_runs({"a": {**base, "fold": "0/5"}, "b": {**base, "fold": "0/5"}})

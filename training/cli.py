@@ -21,6 +21,7 @@ from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokeniz
 from engine.model.pair import load_pair
 from judge.features import LAYOUTS
 from judge.io import TENSORS, load_head, pair_difference, save_head
+from training.crossfit import PROBLEMS, SAME_SETUP, Point, check_runs, pool, problem_records, read_run
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features, without_prompts
@@ -291,6 +292,7 @@ def evaluate(argv: Sequence[str]) -> int:
     p.add_argument("--prob", default="0.5,0.2,0.1,0.05", help="target-probability thresholds ε")
     p.add_argument("--kl", default="0.01,0.03,0.1,0.3", help="KL bounds (nats), used for both directions")
     p.add_argument("--no-random", action="store_true", help="skip random acceptance at the judge's rates")
+    p.add_argument("--random", default="", help="random acceptance at these rates ρ too (pooled cross-fit rates)")
     p.add_argument("--windows", default="8,16,32", help="windows W to count cycles for")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--slots", type=int, default=48, help="sequences decoded at once")
@@ -311,9 +313,13 @@ def evaluate(argv: Sequence[str]) -> int:
     pair = fingerprint(target, draft)
     head = load_head(args.head, pair) if args.head else None
     methods = [Method("lossless"), Method("draft")]
+    quantile_of: dict[Method, int] = {}
     if head is not None:
-        taus = floats(args.thresholds) or [float(head.thresholds[int(q)]) for q in floats(args.quantiles)]
-        methods += [Method("autojudge", t) for t in taus]
+        if args.thresholds:
+            methods += [Method("autojudge", t) for t in floats(args.thresholds)]
+        else:
+            quantile_of = {Method("autojudge", float(head.thresholds[int(q)])): int(q) for q in floats(args.quantiles)}
+            methods += list(quantile_of)
     methods += [Method("topk", k) for k in floats(args.topk)] + [Method("prob", e) for e in floats(args.prob)]
     methods += [Method(rule, b) for b in floats(args.kl) for rule in ("kl-qg", "kl-gq")]
     tokenizer = target.tokenizer
@@ -349,10 +355,12 @@ def evaluate(argv: Sequence[str]) -> int:
 
     start = time.perf_counter()
     results = run(methods)
+    rates = set(floats(args.random))
     if head is not None and not args.no_random:
         judge_rows = summarise(results, Method("lossless"), windows)
-        rates = sorted({round(r["accepted_mismatch_fraction"], 4) for r in judge_rows if r["method"] == "autojudge"})
-        results.update(run([Method("random", rho) for rho in rates if rho > 0]))
+        rates |= {round(r["accepted_mismatch_fraction"], 4) for r in judge_rows if r["method"] == "autojudge"}
+    if rates:
+        results.update(run([Method("random", rho) for rho in sorted(rates) if rho > 0]))
     rows = summarise(results, Method("lossless"), windows)
     meta = {
         "command": "autojudge-train evaluate " + " ".join(argv),
@@ -369,6 +377,8 @@ def evaluate(argv: Sequence[str]) -> int:
         "decoding": "greedy, no bonus token (paper setting); lockstep replay, exact for every W",
     }
     write_reports(rows, args.out, windows, meta)
+    with open(args.out / PROBLEMS, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in problem_records(results, quantile_of))
     print(markdown_table(rows, windows), end="")
     job_tokens = sum(r.num_tokens for res in results.values() for r in res)
     print(
@@ -380,6 +390,39 @@ def evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
+def pool_runs(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="autojudge-train pool",
+        description="Pool cross-fitted evaluation runs (evaluate --fold F/K, and baseline runs) into one curve.",
+    )
+    p.add_argument("runs", type=Path, nargs="+", help="evaluation directories")
+    p.add_argument("--out", type=Path, required=True, help="report directory of the pooled curve")
+    args = p.parse_args(argv)
+    read = {str(d): read_run(d) for d in args.runs}
+    metas = {name: meta for name, (meta, _) in read.items()}
+    check_runs(metas)
+    results = pool({name: records for name, (_, records) in read.items()})
+    lossless = Point("lossless", 0.0, "lossless")
+    if lossless not in results:
+        raise ValueError("no run holds the lossless reference")
+    first = next(iter(metas.values()))
+    windows = tuple(first["windows"])
+    rows = summarise(results, lossless, windows)
+    meta = {
+        "command": "autojudge-train pool " + " ".join(argv),
+        "runs": {
+            name: {"fold": m.get("fold"), "problems": m["problems"], "head": m.get("head")} for name, m in metas.items()
+        },
+        **{key: first[key] for key in SAME_SETUP},
+        "problems": len(results[lossless]),
+        "decoding": first.get("decoding"),
+    }
+    write_reports(rows, args.out, windows, meta)
+    print(markdown_table(rows, windows), end="")
+    print(f"pooled {len(read)} runs, {meta['problems']} problems -> {args.out}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "mine": mine,
     "labels": labels,
@@ -388,6 +431,7 @@ COMMANDS = {
     "features": features,
     "fit": fit,
     "evaluate": evaluate,
+    "pool": pool_runs,
 }
 
 

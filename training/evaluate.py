@@ -9,10 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from training.data import Problem
 from training.replay import Method, Trace, cycles_for_window
@@ -29,6 +29,30 @@ class ProblemResult:
     cycles: dict[int, int]  # W -> cycles
     mismatches: int
     kept_mismatches: int
+
+
+class MethodPoint(Protocol):
+    """What a curve row needs of its method: a `Method`, or a pooled point (training/crossfit.py)."""
+
+    @property
+    def rule(self) -> str: ...
+    @property
+    def param(self) -> float: ...
+    @property
+    def label(self) -> str: ...
+
+
+def paired_drop(method: list[bool], reference: list[bool]) -> tuple[float, float, float]:
+    """Accuracy drop vs the reference in points (reference minus method) on the same problems, with a 95% normal
+    interval of the paired per-problem differences."""
+    n = len(method)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    diffs = [float(r) - float(m) for m, r in zip(method, reference, strict=True)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = Z95 * math.sqrt(var / n)
+    return (100 * mean, 100 * (mean - half), 100 * (mean + half))
 
 
 def wilson(successes: int, n: int) -> tuple[float, float]:
@@ -71,14 +95,17 @@ def score_traces(
 
 
 def summarise(
-    results: dict[Method, list[ProblemResult]], reference: Method, windows: tuple[int, ...]
+    results: Mapping[Any, list[ProblemResult]], reference: MethodPoint, windows: tuple[int, ...]
 ) -> list[dict[str, Any]]:
-    """One row per method point; agreement is with the reference (lossless) run's outcome per problem."""
+    """One row per method point; agreement and the accuracy drop are against the reference (lossless) run of
+    the same problems."""
     ref = {r.prompt_id: r.outcome for r in results[reference]}
+    ref_correct = {r.prompt_id: r.correct for r in results[reference]}
     rows = []
     for method, res in results.items():
         n = len(res)
         agree = sum(r.outcome == ref[r.prompt_id] for r in res)
+        drop = paired_drop([r.correct for r in res], [ref_correct[r.prompt_id] for r in res])
         correct = sum(r.correct for r in res)
         tokens = sum(r.num_tokens for r in res)
         mismatches = sum(r.mismatches for r in res)
@@ -93,6 +120,9 @@ def summarise(
             "accuracy": correct / n,
             "accuracy_lo": wilson(correct, n)[0],
             "accuracy_hi": wilson(correct, n)[1],
+            "accuracy_drop_points": drop[0],
+            "accuracy_drop_lo": drop[1],
+            "accuracy_drop_hi": drop[2],
             "accepted_mismatch_fraction": sum(r.kept_mismatches for r in res) / mismatches if mismatches else 0.0,
             "tokens_per_problem": tokens / n,
         }
@@ -117,7 +147,7 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path, windows: tuple[int,
 
 
 def markdown_table(rows: list[dict[str, Any]], windows: tuple[int, ...]) -> str:
-    head = ["method", "n", "agreement (95% CI)", "accuracy", "mismatches accepted"]
+    head = ["method", "n", "agreement (95% CI)", "accuracy", "acc. drop, points (95% CI)", "mismatches accepted"]
     head += [f"tok/cycle W={w}" for w in windows] + [f"target fwd/tok W={windows[-1]}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -126,6 +156,7 @@ def markdown_table(rows: list[dict[str, Any]], windows: tuple[int, ...]) -> str:
             str(r["problems"]),
             f"{r['agreement']:.3f} ({r['agreement_lo']:.3f}-{r['agreement_hi']:.3f})",
             f"{r['accuracy']:.3f}",
+            f"{r['accuracy_drop_points']:.1f} ({r['accuracy_drop_lo']:.1f} to {r['accuracy_drop_hi']:.1f})",
             f"{r['accepted_mismatch_fraction']:.3f}",
         ]
         cells += [f"{r[f'tokens_per_cycle_w{w}']:.2f}" for w in windows]
