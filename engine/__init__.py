@@ -4,7 +4,7 @@ Public API: build the models with `engine.model.loader`, construct `Engine`, the
 or, to serve, `build_engine(ModelSource, EngineConfig)` for an `AsyncEngine` behind the `EngineClient` Protocol.
 """
 
-from engine.build import DTYPES, LoadedEngine, ModelSource, ProfileSpec, build_engine
+from engine.build import LoadedEngine, ModelSource, ProfileSpec, build_engine
 from engine.client import (
     AsyncEngine,
     EngineClient,
@@ -19,7 +19,7 @@ from engine.client import (
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from engine.engine import Engine
 from engine.model.assets import DEFAULT_CACHE_DIR
-from engine.model.pair import PAIRS
+from engine.model.pair import DTYPES, PAIRS
 from engine.spec.judging import LOSSLESS
 from engine.types import Request, RequestOutput, RowCycleStats, SamplingParams, SpecCounts, SpecParams, StepStats
 

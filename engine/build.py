@@ -18,13 +18,12 @@ from engine.engine import Engine
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
-from engine.model.pair import QUANTIZE, load_pair
+from engine.model.pair import DTYPES, QUANTIZE, load_pair
 from engine.spec.judging import LOSSLESS, HeadJudge
 from engine.types import StepStats
 from judge.head import JudgeHead
 from judge.io import METADATA, SHIPPED_HEADS, load_head
 
-DTYPES = ("float32", "bfloat16", "float16")
 LOSSLESS_DESCRIPTION = "exact speculative decoding: every mismatch is rejected"
 
 

@@ -60,7 +60,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--slots", type=int, default=int(env("MAX_SLOTS", "8")))
     p.add_argument("--max-model-len", type=int, default=int(env("MAX_MODEL_LEN", "2048")))
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=env("DTYPE", "float32"))
     p.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
     return p.parse_args(argv)
 

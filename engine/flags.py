@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.model.assets import default_cache_dir
-from engine.model.pair import DRAFT_CHOICES_HELP, PAIRS, QUANTIZE
+from engine.model.pair import DRAFT_CHOICES_HELP, DTYPES, PAIRS, QUANTIZE
 
 
 def env(name: str, default: str) -> str:
@@ -25,6 +25,9 @@ def add_pair_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=env("DRAFT", "int8"), help=DRAFT_CHOICES_HELP)
     p.add_argument(
         "--quantize", choices=QUANTIZE, default=env("QUANTIZE", "none"), help="int8: W8A8 target and draft checkpoint"
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=env("DTYPE", "float32"), help="weights and activations (heads record it)"
     )
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")

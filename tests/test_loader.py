@@ -411,3 +411,12 @@ def test_load_pair_quantize_int8_serves_int8_target_and_draft_checkpoint(tmp_pat
         assert torch.equal(copy_draft.compute_logits(copy_draft(batch, None)), want)
     with pytest.raises(ValueError, match="quantize must be one of none, int8"):
         load_pair(target=str(tmp_path / "target"), draft="none", quantize="int4", **kw)
+
+
+def test_fingerprint_records_a_dtype_other_than_fp32(tmp_path: Path) -> None:
+    _save_tiny(tmp_path / "m", arch="qwen2")
+    fp32 = load_model(tmp_path / "m", cache_dir=tmp_path / "c").model
+    bf16 = load_model(tmp_path / "m", dtype=torch.bfloat16, cache_dir=tmp_path / "c").model
+    assert "dtype" not in describe_model(fp32)  # unmarked, as in heads fitted before dtypes were recorded
+    assert describe_model(bf16)["dtype"] == describe_model(quantize_int8(bf16))["dtype"] == "bfloat16"
+    assert {k: v for k, v in describe_model(bf16).items() if k != "dtype"} == describe_model(fp32)

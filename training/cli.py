@@ -60,7 +60,7 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder]:
         pair=args.pair,
         target=args.target,
         draft=args.draft,
-        dtype=torch.float32,  # labels and features in fp32 (method §8, pitfall 7)
+        dtype=getattr(torch, args.dtype),  # the served precision: labels, features and curves follow it
         device=torch.device(args.device),
         cache_dir=args.cache_dir,
         quantize=args.quantize,
@@ -164,7 +164,7 @@ def unpack_labels(argv: Sequence[str]) -> int:
     sources = {r["meta"]["source"] for r in packed}
     problems = {prob.prompt_id: prob for s in sorted(sources) for prob in load_problems(s, data_dir=args.data_dir)}
     target, _ = load_pair(
-        pair=args.pair, target=args.target, draft="none", dtype=torch.float32, device=torch.device("cpu"),
+        pair=args.pair, target=args.target, draft="none", dtype=getattr(torch, args.dtype), device=torch.device("cpu"),
         cache_dir=args.cache_dir, quantize=args.quantize,
     )  # fmt: skip
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from engine.model.decoder import Decoder
 from engine.model.quant import Int8Linear
 
@@ -18,13 +20,17 @@ def describe_model(model: Decoder) -> dict[str, Any]:
     if int8:
         head = "int8" if isinstance(model.lm_head, Int8Linear) else "fp"
         quant = f"int8-w8a{int8[0].act_qmax.bit_length() + 1}(lm_head={head})"
-    return {
+    described = {
         "architecture": c.architecture,
         "hidden_size": c.hidden_size,
         "num_layers": c.num_layers,
         "vocab_size": c.vocab_size,
         "quantization": quant,
     }
+    dtype = next(model.parameters()).dtype  # the embedding: int8 linears keep it in the load dtype
+    if dtype != torch.float32:  # fp32 is unmarked, so heads fitted before dtypes were recorded still load
+        described["dtype"] = str(dtype).removeprefix("torch.")
+    return described
 
 
 def pair_fingerprint(target: Decoder, draft: Decoder | None, tokenizer_sha256: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from engine.model.loader import LoadedModel, check_pair, load_model
 from engine.model.quant import quantize_int8
 
 PAIRS = ("smollm2", "qwen-coder")  # named pairs; the first is the embedded default
+DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("none", "int8")  # int8: W8A8 Int8Linear for the target and a draft checkpoint (docs/qwen-pair.md)
 DRAFT_CHOICES_HELP = (
     "'int8' (int8 copy of the target, the default), 'int8-body' (lm_head kept fp32), 'none', "
