@@ -70,7 +70,7 @@ class ModelSource:
     draft: str = "int8"  # int8 | int8-body | none | a checkpoint path
     heads: str = "shipped"  # shipped | none | a directory of <profile>/head.json folders
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the named pair's own precision (engine.model.pair.PAIR_DTYPES)
     quantize: str = "none"  # none | int8: W8A8 target and draft checkpoint (engine.model.pair.QUANTIZE)
     threads: int = 0  # CPU threads; 0 keeps torch's choice
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autojudge")
@@ -208,7 +208,7 @@ def build_engine(
         pair=source.pair,
         target=source.target,
         draft=source.draft,
-        dtype=getattr(torch, source.dtype),
+        dtype=source.dtype,
         device=torch.device(device),
         cache_dir=source.cache_dir,
         quantize=source.quantize,
@@ -220,9 +220,12 @@ def build_engine(
     info = engine_info(engine, name, None if draft is None else source.draft, profiles)
     seconds = time.perf_counter() - start
     served = ", ".join(f"{p.name} (τ={p.judge_threshold:.4g}, head {(p.head_sha256 or '-')[:12]})" for p in profiles)
+    precision = str(next(target.model.parameters()).dtype).removeprefix("torch.")
+    if source.quantize == "int8":
+        precision += " with int8 W8A8 linears"
     summary = (
         f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{served}], "
-        f"{source.dtype}{' with int8 W8A8 linears' if source.quantize == 'int8' else ''} on {device}, "
+        f"{precision} on {device}, "
         f"{config.cache.max_slots} slots x {config.cache.max_model_len} tokens"
     )
     return LoadedEngine(AsyncEngine(engine, info), target.tokenizer, info, seconds, summary)

@@ -69,7 +69,7 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder | None]:
         pair=args.pair,
         target=args.target,
         draft="none" if args.no_spec else args.draft,
-        dtype=getattr(torch, args.dtype),
+        dtype=args.dtype,
         device=torch.device(args.device),
         cache_dir=args.cache_dir,
         quantize=args.quantize,

@@ -27,7 +27,7 @@ def add_pair_flags(p: argparse.ArgumentParser) -> None:
         "--quantize", choices=QUANTIZE, default=env("QUANTIZE", "none"), help="int8: W8A8 target and draft checkpoint"
     )
     p.add_argument(
-        "--dtype", choices=DTYPES, default=env("DTYPE", "float32"), help="weights and activations (heads record it)"
+        "--dtype", choices=DTYPES, default=env("DTYPE", "auto"), help="auto: the pair's own (heads record it)"
     )
     p.add_argument("--device", default=env("DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
     p.add_argument("--threads", type=int, default=int(env("THREADS", "0")), help="CPU threads (0: torch's)")

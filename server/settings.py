@@ -59,7 +59,7 @@ class Settings:
     heads: str = _opt("shipped", "judge heads: shipped | none | a directory of <profile>/head.json folders")
     served_model_name: str | None = _opt(None, "model id in the API (default: the target file name)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = _opt("float32", " | ".join(DTYPES))
+    dtype: str = _opt("auto", " | ".join(DTYPES) + " (auto: the pair's own precision)")
     quantize: str = _opt("none", "none | int8: W8A8 target and draft checkpoint (the heads record which)")
     threads: int = _opt(0, "CPU threads for torch (0: torch's default)")
     cache_dir: str = _opt(str(DEFAULT_CACHE_DIR), "converted-model cache")

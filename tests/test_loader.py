@@ -51,7 +51,7 @@ from engine.model.loader import (
     load_model,
     tokenizer_fingerprint,
 )
-from engine.model.pair import load_pair
+from engine.model.pair import load_pair, resolve_dtype
 from engine.model.protocol import ForwardBatch
 from engine.model.quant import quantize_int8
 
@@ -391,7 +391,7 @@ def test_embedded_smollm2_matches_transformers(autojudge_cache: Path, monkeypatc
 def test_load_pair_quantize_int8_serves_int8_target_and_draft_checkpoint(tmp_path: Path) -> None:
     _save_tiny(tmp_path / "target", arch="qwen2")
     _save_tiny(tmp_path / "draft", arch="qwen2", tied=False)
-    kw = {"pair": "smollm2", "dtype": torch.float32, "device": torch.device("cpu"), "cache_dir": tmp_path / "c"}
+    kw = {"pair": "smollm2", "dtype": "auto", "device": torch.device("cpu"), "cache_dir": tmp_path / "c"}
     target, draft = load_pair(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"), quantize="int8", **kw)
     assert draft is not None
     for model in (target.model, draft):
@@ -420,3 +420,12 @@ def test_fingerprint_records_a_dtype_other_than_fp32(tmp_path: Path) -> None:
     assert "dtype" not in describe_model(fp32)  # unmarked, as in heads fitted before dtypes were recorded
     assert describe_model(bf16)["dtype"] == describe_model(quantize_int8(bf16))["dtype"] == "bfloat16"
     assert {k: v for k, v in describe_model(bf16).items() if k != "dtype"} == describe_model(fp32)
+
+
+def test_dtype_auto_is_the_named_pairs_own_and_fp32_for_a_checkpoint_path() -> None:
+    assert resolve_dtype("qwen-coder", None, "auto") == torch.bfloat16
+    assert resolve_dtype("smollm2", None, "auto") == torch.float32
+    assert resolve_dtype("qwen-coder", "/some/checkpoint", "auto") == torch.float32
+    assert resolve_dtype("qwen-coder", None, "float32") == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16"):
+        resolve_dtype("smollm2", None, "int4")

@@ -60,7 +60,7 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder]:
         pair=args.pair,
         target=args.target,
         draft=args.draft,
-        dtype=getattr(torch, args.dtype),  # the served precision: labels, features and curves follow it
+        dtype=args.dtype,  # the served precision ("auto": the pair's): labels, features and curves follow it
         device=torch.device(args.device),
         cache_dir=args.cache_dir,
         quantize=args.quantize,
@@ -164,7 +164,7 @@ def unpack_labels(argv: Sequence[str]) -> int:
     sources = {r["meta"]["source"] for r in packed}
     problems = {prob.prompt_id: prob for s in sorted(sources) for prob in load_problems(s, data_dir=args.data_dir)}
     target, _ = load_pair(
-        pair=args.pair, target=args.target, draft="none", dtype=getattr(torch, args.dtype), device=torch.device("cpu"),
+        pair=args.pair, target=args.target, draft="none", dtype=args.dtype, device=torch.device("cpu"),
         cache_dir=args.cache_dir, quantize=args.quantize,
     )  # fmt: skip
 

@@ -14,7 +14,9 @@ from engine.model.loader import LoadedModel, check_pair, load_model
 from engine.model.quant import quantize_int8
 
 PAIRS = ("smollm2", "qwen-coder")  # named pairs; the first is the embedded default
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The precision each named pair is served, mined and judged in ("auto"); docs/qwen-pair.md says why bf16 for Qwen.
+PAIR_DTYPES = {"smollm2": "float32", "qwen-coder": "bfloat16"}
 QUANTIZE = ("none", "int8")  # int8: W8A8 Int8Linear for the target and a draft checkpoint (docs/qwen-pair.md)
 DRAFT_CHOICES_HELP = (
     "'int8' (int8 copy of the target, the default), 'int8-body' (lm_head kept fp32), 'none', "
@@ -27,7 +29,7 @@ def load_pair(
     pair: str,
     target: str | None,
     draft: str,
-    dtype: torch.dtype,
+    dtype: str,
     device: torch.device,
     cache_dir: Path,
     quantize: str = "none",
@@ -39,6 +41,7 @@ def load_pair(
     """
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    torch_dtype = resolve_dtype(pair, target, dtype)
     draft_path: Path | None = None
     if target:
         target_path = Path(target)
@@ -48,13 +51,13 @@ def load_pair(
         target_path = embedded_target_path()
     else:
         raise ValueError(f"unknown pair {pair!r}; choose one of {', '.join(PAIRS)}, or give --target")
-    loaded = load_model(target_path, dtype=dtype, device=device, cache_dir=cache_dir)
+    loaded = load_model(target_path, dtype=torch_dtype, device=device, cache_dir=cache_dir)
     served = _quantized(loaded, quantize)
     if draft == "none":
         return served, None
     if draft in ("int8", "int8-body") and draft_path is None:
         return served, quantize_int8(loaded.model, include_lm_head=draft == "int8")
-    other = load_model(draft_path or Path(draft), dtype=dtype, device=device, cache_dir=cache_dir)
+    other = load_model(draft_path or Path(draft), dtype=torch_dtype, device=device, cache_dir=cache_dir)
     check_pair(other, loaded)
     return served, _quantized(other, quantize).model
 
@@ -63,3 +66,13 @@ def _quantized(loaded: LoadedModel, quantize: str) -> LoadedModel:
     if quantize == "none":
         return loaded
     return dataclasses.replace(loaded, model=quantize_int8(loaded.model))
+
+
+def resolve_dtype(pair: str, target: str | None, dtype: str) -> torch.dtype:
+    """`auto`: the named pair's own precision (fp32 for a checkpoint given by path); else the named dtype."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        dtype = "float32" if target else PAIR_DTYPES.get(pair, "float32")
+    resolved: torch.dtype = getattr(torch, dtype)
+    return resolved
