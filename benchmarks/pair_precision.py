@@ -21,7 +21,7 @@ from step_cost import step_ms
 
 from engine.model.assets import default_cache_dir, fetch_qwen_pair
 from engine.model.decoder import Decoder
-from engine.model.loader import load_model
+from engine.model.loader import eos_token_ids, load_model
 from engine.model.quant import quantize_int8
 from engine.runner import ModelRunner
 from training.data import load_problems, prompt_token_ids
@@ -86,7 +86,7 @@ def main() -> None:
     draft_dir, target_dir = fetch_qwen_pair(args.cache_dir)
     target32 = load_model(target_dir, cache_dir=args.cache_dir)
     tok = target32.tokenizer
-    eos = {int(tok.eos_token_id), *[int(t) for t in (tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))]}
+    eos = set(eos_token_ids(target32))
     problems = load_problems("gsm8k-test")[: args.prompts] + load_problems("humaneval-mining")[: args.prompts]
     t0 = time.perf_counter()
     sequences = []

@@ -164,9 +164,13 @@ def unpack_labels(argv: Sequence[str]) -> int:
     sources = {r["meta"]["source"] for r in packed}
     problems = {prob.prompt_id: prob for s in sorted(sources) for prob in load_problems(s, data_dir=args.data_dir)}
     target, _ = load_pair(
-        pair=args.pair, target=args.target, draft="none", dtype=args.dtype, device=torch.device("cpu"),
-        cache_dir=args.cache_dir, quantize=args.quantize,
-    )  # fmt: skip
+        pair=args.pair,
+        target=args.target,
+        draft="none",
+        dtype=args.dtype,
+        device=torch.device("cpu"),
+        cache_dir=args.cache_dir,
+    )  # fmt: skip  (only its tokenizer is used: no quantized copy)
 
     def prompt_of(prompt_id: str) -> list[int] | None:
         prob = problems.get(prompt_id)
