@@ -170,7 +170,7 @@ def unpack_labels(argv: Sequence[str]) -> int:
         dtype=args.dtype,
         device=torch.device("cpu"),
         cache_dir=args.cache_dir,
-    )  # fmt: skip  (only its tokenizer is used: no quantized copy)
+    )  # only its tokenizer is used, so no quantized copy
 
     def prompt_of(prompt_id: str) -> list[int] | None:
         prob = problems.get(prompt_id)
