@@ -4,8 +4,9 @@ Without the bonus token, lossy speculative decoding emits, at every position, th
 matches the target's t or the acceptance rule keeps the mismatch, and t otherwise; the window W only decides where
 cycles end (a cycle stops at the first rejected slot, or after W slots). So one pass that runs both models a token
 at a time yields the exact output of every W, and the cycle counts of any W come from its per-position decisions
-(`cycles_for_window`). Each step the target reads [last token, d] at once: row 0 gives t and q, row 1 the DT
-state after reading d; the next step overwrites row 1's cache entry with the token actually emitted.
+(`cycles_for_window`). Each step the target reads the last token (t and q); only the rows where d != t and a judge
+must decide read d as well (the DT state after reading d), and the next step overwrites that cache entry with the
+token actually emitted. Reading d on every row would double the target's work where it is compute-bound.
 tests/test_replay.py checks this against the engine with a head judge for several W.
 """
 
@@ -259,12 +260,11 @@ class LockstepDecoder:
         g_logits = self.draft.logits(h_draft)  # [B, V]
         d = g_logits.argmax(-1)  # [B]
         d_list = d.tolist()
-        feeds = [[x[-1], tok] for x, tok in zip(seqs, d_list, strict=True)]
-        h_target = self.target.forward(feeds, [n - 1 for n in lens], slots)  # [B, 2, Dt]
-        q_logits = self.target.logits(h_target[:, 0])  # [B, V]
+        h_target = self.target.forward([[x[-1]] for x in seqs], [n - 1 for n in lens], slots)[:, 0]  # [B, Dt]
+        q_logits = self.target.logits(h_target)  # [B, V]
         t_list = q_logits.argmax(-1).tolist()
         mm = [b for b in range(len(active)) if d_list[b] != t_list[b]]
-        decided = self._decide(active, jobs, gens, mm, d, q_logits, g_logits, h_target[:, 1], lens) if mm else []
+        decided = self._decide(active, jobs, gens, mm, d, q_logits, g_logits, lens) if mm else []
         keeps = dict(zip(mm, decided, strict=True))  # branch -> keep d, per job
         forks = []
         for b, branch in enumerate(active):
@@ -297,7 +297,6 @@ class LockstepDecoder:
         d: torch.Tensor,  # [B]
         q_logits: torch.Tensor,  # [B, V]
         g_logits: torch.Tensor,  # [B, V]
-        h_dt: torch.Tensor,  # [B, Dt] target state after reading d
         lens: list[int],
     ) -> list[list[bool]]:  # per branch of `mm`, per job of that branch: keep d
         sub = torch.tensor(mm, device=self.device)
@@ -319,11 +318,11 @@ class LockstepDecoder:
         judged = sorted({r for r, rule in zip(pair_row, rules, strict=True) if rule == "autojudge"})
         if judged and self.bank is not None:
             rows = [mm[r] for r in judged]
-            h_dd = None
-            if self.layout == "DD-DT":  # the draft's state after reading d: one more draft forward
-                feeds = [[int(d[b])] for b in rows]
-                h_dd = self.draft.forward(feeds, [lens[b] for b in rows], [active[b].slot for b in rows])[:, 0]
-            feats = build_features(self.layout, h_dt[rows], h_dd)  # [J, D]
+            # the states after reading d, written where the next step writes the emitted token
+            feeds, at, slots = [[int(d[b])] for b in rows], [lens[b] for b in rows], [active[b].slot for b in rows]
+            h_dt = self.target.forward(feeds, at, slots)[:, 0]  # [J, Dt]
+            h_dd = self.draft.forward(feeds, at, slots)[:, 0] if self.layout == "DD-DT" else None  # [J, Dd]
+            feats = build_features(self.layout, h_dt, h_dd)  # [J, D]
             z = torch.full((len(mm),), math.inf, device=self.device)
             zero = torch.zeros(len(rows), dtype=torch.long, device=self.device)
             z[judged] = self.bank.log_odds(feats[:, None], zero)[:, 0]
