@@ -79,13 +79,15 @@ def test_pool_joins_each_folds_quantile_and_counts_shared_baselines_once() -> No
     fold1 = {Method("lossless"): [_result("t/1", True)], Method("autojudge", 0.47): [_result("t/1", False, 7)]}
     everything = {Method("lossless"): [_result("t/0", True), _result("t/1", True)]}
     runs = {
-        "f0": list(problem_records(fold0, {Method("autojudge", 0.31): 12})),
-        "f1": list(problem_records(fold1, {Method("autojudge", 0.47): 12})),
+        "f0": list(problem_records(fold0, {Method("autojudge", 0.31): [12]})),
+        "f1": list(problem_records(fold1, {Method("autojudge", 0.47): [12, "default"]})),
         "all": [json.loads(json.dumps(r)) for r in problem_records(everything, {})],  # through JSON, as on disk
     }
     pooled = pool(runs)
     judge = Point("autojudge", 12.0, "autojudge q=12")
-    assert set(pooled) == {Point("lossless", 0.0, "lossless"), judge}
+    default = Point("autojudge", -1.0, "autojudge default")  # fold 1's default τ is its quantile 12
+    assert set(pooled) == {Point("lossless", 0.0, "lossless"), judge, default}
+    assert [r.prompt_id for r in pooled[default]] == ["t/1"]
     assert [r.prompt_id for r in pooled[judge]] == ["t/0", "t/1"]
     rows = {r["label"]: r for r in summarise(pooled, Point("lossless", 0.0, "lossless"), (8, 32))}
     assert rows["autojudge q=12"]["agreement"] == 0.5

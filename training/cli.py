@@ -21,7 +21,18 @@ from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokeniz
 from engine.model.pair import load_pair
 from judge.features import LAYOUTS
 from judge.io import TENSORS, load_head, pair_difference, save_head
-from training.crossfit import PROBLEMS, SAME_SETUP, Point, check_runs, pool, problem_records, read_run
+from training.crossfit import (
+    DEFAULT,
+    PROBLEMS,
+    SAME_SETUP,
+    Point,
+    check_runs,
+    judge_rates,
+    pool,
+    problem_records,
+    rates_of,
+    read_run,
+)
 from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, prompt_token_ids
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features, without_prompts
@@ -296,7 +307,10 @@ def evaluate(argv: Sequence[str]) -> int:
     p.add_argument("--prob", default="0.5,0.2,0.1,0.05", help="target-probability thresholds ε")
     p.add_argument("--kl", default="0.01,0.03,0.1,0.3", help="KL bounds (nats), used for both directions")
     p.add_argument("--no-random", action="store_true", help="skip random acceptance at the judge's rates")
-    p.add_argument("--random", default="", help="random acceptance at these rates ρ too (pooled cross-fit rates)")
+    p.add_argument("--random", default="", help="random acceptance at these rates ρ too")
+    p.add_argument(
+        "--random-from", type=Path, help="random acceptance at the AutoJudge rates of this report (the pooled curve)"
+    )
     p.add_argument("--windows", default="8,16,32", help="windows W to count cycles for")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--slots", type=int, default=48, help="sequences decoded at once")
@@ -317,13 +331,18 @@ def evaluate(argv: Sequence[str]) -> int:
     pair = fingerprint(target, draft)
     head = load_head(args.head, pair) if args.head else None
     methods = [Method("lossless"), Method("draft")]
-    quantile_of: dict[Method, int] = {}
+    pooled_as: dict[Method, list[int | str]] = {}
     if head is not None:
         if args.thresholds:
             methods += [Method("autojudge", t) for t in floats(args.thresholds)]
         else:
-            quantile_of = {Method("autojudge", float(head.thresholds[int(q)])): int(q) for q in floats(args.quantiles)}
-            methods += list(quantile_of)
+            quantiles = sorted({int(q) for q in floats(args.quantiles)})
+            if any(not 0 <= q < len(head.thresholds) for q in quantiles):
+                raise ValueError(f"--quantiles must lie in 0..{len(head.thresholds) - 1}, not {args.quantiles}")
+            for q in quantiles:
+                pooled_as.setdefault(Method("autojudge", float(head.thresholds[q])), []).append(q)
+            pooled_as.setdefault(Method("autojudge", head.default_threshold), []).append(DEFAULT)
+            methods += list(pooled_as)
     methods += [Method("topk", k) for k in floats(args.topk)] + [Method("prob", e) for e in floats(args.prob)]
     methods += [Method(rule, b) for b in floats(args.kl) for rule in ("kl-qg", "kl-gq")]
     tokenizer = target.tokenizer
@@ -359,10 +378,9 @@ def evaluate(argv: Sequence[str]) -> int:
 
     start = time.perf_counter()
     results = run(methods)
-    rates = set(floats(args.random))
+    rates = set(floats(args.random)) | (judge_rates(args.random_from) if args.random_from else set())
     if head is not None and not args.no_random:
-        judge_rows = summarise(results, Method("lossless"), windows)
-        rates |= {round(r["accepted_mismatch_fraction"], 4) for r in judge_rows if r["method"] == "autojudge"}
+        rates |= rates_of(summarise(results, Method("lossless"), windows))
     if rates:
         results.update(run([Method("random", rho) for rho in sorted(rates) if rho > 0]))
     rows = summarise(results, Method("lossless"), windows)
@@ -382,7 +400,7 @@ def evaluate(argv: Sequence[str]) -> int:
     }
     write_reports(rows, args.out, windows, meta)
     with open(args.out / PROBLEMS, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in problem_records(results, quantile_of))
+        f.writelines(json.dumps(r) + "\n" for r in problem_records(results, pooled_as))
     print(markdown_table(rows, windows), end="")
     job_tokens = sum(r.num_tokens for res in results.values() for r in res)
     print(

@@ -2,7 +2,9 @@
 
 Each `autojudge-train evaluate` run writes `problems.jsonl`, one line per (method, problem). Fold runs name their
 AutoJudge points by the head's threshold quantile (each fold's head has its own τ for quantile q, chosen on its own
-training folds, never on the evaluated problems), so the pooled point `autojudge q=i` joins every fold's quantile i.
+training folds, never on the evaluated problems), so the pooled point `autojudge q=i` joins every fold's quantile i,
+and `autojudge default` joins every fold head's default τ (the operating point a server would use, also chosen
+without the evaluated problems). One τ may stand for several pooled points: its results are recorded once per name.
 Baselines need no head and pool by rule and parameter; a problem decoded by two runs (a baseline run over all
 problems, and a fold run) must give the same record, and is counted once.
 """
@@ -32,13 +34,19 @@ class Point:
     label: str
 
 
+DEFAULT = "default"  # the pooled name of each head's default τ
+
+
 def problem_records(
-    results: Mapping[Method, list[ProblemResult]], quantile_of: Mapping[Method, int]
+    results: Mapping[Method, list[ProblemResult]], pooled_as: Mapping[Method, list[int | str]]
 ) -> Iterable[dict[str, Any]]:
-    """The lines of `problems.jsonl`: each result with its method, and the quantile index of AutoJudge points."""
+    """The lines of `problems.jsonl`: each result with its method, once per pooled name of an AutoJudge point (a
+    quantile index, or DEFAULT)."""
     for method, res in results.items():
-        for r in res:
-            yield {"rule": method.rule, "param": method.param, "quantile": quantile_of.get(method), **_fields(r)}
+        names: list[int | str | None] = [*pooled_as.get(method, [])] or [None]
+        for name in names:
+            for r in res:
+                yield {"rule": method.rule, "param": method.param, "quantile": name, **_fields(r)}
 
 
 def _fields(r: ProblemResult) -> dict[str, Any]:
@@ -61,6 +69,8 @@ def point_of(record: dict[str, Any], where: str) -> Point:
     q = record["quantile"]
     if q is None:
         raise ValueError(f"{where}: AutoJudge points set by explicit thresholds cannot be pooled (use --quantiles)")
+    if q == DEFAULT:
+        return Point(rule, -1.0, "autojudge default")
     return Point(rule, float(q), f"autojudge q={q}")
 
 
@@ -84,6 +94,20 @@ def read_run(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise FileNotFoundError(f"{directory} is not a finished evaluation (expected results.json and {PROBLEMS})")
     meta = json.loads(summary.read_text())["meta"]
     return meta, read_complete(records, "an evaluation problem record")[0]
+
+
+def judge_rates(directory: Path) -> set[float]:
+    """The accepted-mismatch fractions of the AutoJudge rows of a finished report (an evaluation or a pooled
+    curve): the rates at which random acceptance is the matched baseline."""
+    summary = directory / "results.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"{directory} holds no report (expected results.json)")
+    rows = json.loads(summary.read_text())["rows"]
+    return rates_of(rows)
+
+
+def rates_of(rows: Iterable[Mapping[str, Any]]) -> set[float]:
+    return {round(r["accepted_mismatch_fraction"], 4) for r in rows if r["method"] == "autojudge"}
 
 
 SAME_SETUP = ("pair", "source", "max_new_tokens", "windows")

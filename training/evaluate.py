@@ -101,6 +101,7 @@ def summarise(
     the same problems."""
     ref = {r.prompt_id: r.outcome for r in results[reference]}
     ref_correct = {r.prompt_id: r.correct for r in results[reference]}
+    ref_speed = {w: _tokens_per_cycle(results[reference], w) for w in windows}
     rows = []
     for method, res in results.items():
         n = len(res)
@@ -128,11 +129,17 @@ def summarise(
         }
         for w in windows:
             cycles = sum(r.cycles[w] for r in res)
-            row[f"tokens_per_cycle_w{w}"] = tokens / cycles if cycles else math.nan
+            row[f"tokens_per_cycle_w{w}"] = _tokens_per_cycle(res, w)
+            row[f"speedup_w{w}"] = row[f"tokens_per_cycle_w{w}"] / ref_speed[w]  # x lossless tokens per cycle
             row[f"target_forwards_per_token_w{w}"] = cycles / tokens if tokens else math.nan
         rows.append(row)
     rows.sort(key=lambda r: (r["method"], r["param"]))
     return rows
+
+
+def _tokens_per_cycle(res: list[ProblemResult], window: int) -> float:
+    cycles = sum(r.cycles[window] for r in res)
+    return sum(r.num_tokens for r in res) / cycles if cycles else math.nan
 
 
 def write_reports(rows: list[dict[str, Any]], out_dir: Path, windows: tuple[int, ...], meta: dict[str, Any]) -> None:
@@ -148,7 +155,8 @@ def write_reports(rows: list[dict[str, Any]], out_dir: Path, windows: tuple[int,
 
 def markdown_table(rows: list[dict[str, Any]], windows: tuple[int, ...]) -> str:
     head = ["method", "n", "agreement (95% CI)", "accuracy", "acc. drop, points (95% CI)", "mismatches accepted"]
-    head += [f"tok/cycle W={w}" for w in windows] + [f"target fwd/tok W={windows[-1]}"]
+    head += [f"tok/cycle W={w}" for w in windows]
+    head += [f"x lossless W={windows[-1]}", f"target fwd/tok W={windows[-1]}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -160,6 +168,7 @@ def markdown_table(rows: list[dict[str, Any]], windows: tuple[int, ...]) -> str:
             f"{r['accepted_mismatch_fraction']:.3f}",
         ]
         cells += [f"{r[f'tokens_per_cycle_w{w}']:.2f}" for w in windows]
+        cells.append(f"{r[f'speedup_w{windows[-1]}']:.2f}")
         cells.append(f"{r[f'target_forwards_per_token_w{windows[-1]}']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
