@@ -7,7 +7,7 @@ ARGS ?=
 PAIR ?= smollm2
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval clean
+.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval crossfit clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -87,6 +87,29 @@ train-judge: install  ## fit the head of TASK into judge/heads/PAIR/TASK
 
 eval: $(PAIR_ASSETS)  ## threshold sweep + baselines on held-out problems -> RUN/eval/TASK
 	$(VENV)/bin/autojudge-train evaluate --pair $(PAIR) --source $(EVAL_$(TASK)) --head judge/heads/$(PAIR)/$(TASK) --out $(RUN)/eval/$(TASK) $(ARGS)
+
+# Cross-fitting, for a task whose heads are fitted and judged on the same problems (code: every HumanEval task):
+# head f is fitted without fold f and judges only fold f; the pooled curve covers every problem, and random
+# acceptance runs at the pooled AutoJudge rates (a second pass that resumes each fold's run). Resumable.
+FOLDS ?= 5
+CF_SOURCE ?= humaneval-all
+EVAL_ARGS ?=
+TRAIN := $(VENV)/bin/autojudge-train
+crossfit: $(PAIR_ASSETS)  ## RUN/eval/TASK-crossfit: FOLDS heads, each judging the fold it never saw (EVAL_ARGS to evaluate)
+	set -e; folds=$$(seq 0 $$(($(FOLDS) - 1))); \
+	for f in $$folds; do \
+	  test -f $(RUN)/heads/$(TASK)-fold$$f/head.json || $(TRAIN) fit --features $(RUN)/features/$(TASK).safetensors \
+	    --folds $(FOLDS) --exclude-fold $$f/$(FOLDS) --out $(RUN)/heads/$(TASK)-fold$$f; \
+	  $(TRAIN) evaluate --pair $(PAIR) --source $(CF_SOURCE) --fold $$f/$(FOLDS) --head $(RUN)/heads/$(TASK)-fold$$f \
+	    --no-random --out $(RUN)/eval/$(TASK)-fold$$f $(EVAL_ARGS) > /dev/null; \
+	done; \
+	$(TRAIN) pool $$(for f in $$folds; do echo $(RUN)/eval/$(TASK)-fold$$f; done) --out $(RUN)/eval/$(TASK)-crossfit \
+	  > /dev/null; \
+	for f in $$folds; do \
+	  $(TRAIN) evaluate --pair $(PAIR) --source $(CF_SOURCE) --fold $$f/$(FOLDS) --head $(RUN)/heads/$(TASK)-fold$$f \
+	    --no-random --random-from $(RUN)/eval/$(TASK)-crossfit --out $(RUN)/eval/$(TASK)-fold$$f $(EVAL_ARGS) > /dev/null; \
+	done; \
+	$(TRAIN) pool $$(for f in $$folds; do echo $(RUN)/eval/$(TASK)-fold$$f; done) --out $(RUN)/eval/$(TASK)-crossfit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -151,13 +151,40 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """The `auto` window planner (engine/spec/autowindow.py): acceptance estimates, catch-up and the guard."""
+
+    prior_alpha: float = 0.6  # per-position acceptance assumed before any row of a profile has drafted
+    row_decay: float = 0.9  # EMA factor per observed cycle of a row's acceptance
+    key_decay: float = 0.98  # ... of the (profile, τ, greedy) history that seeds new rows
+    row_weight: float = 4.0  # pseudo-positions of the profile history in a row's estimate
+    amortize: float = 16.0  # cycles a draft catch-up forward is spread over when choosing
+    probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway
+    guard_steps: int = 8  # drafting steps in a row measured slower than plain decoding before backing off
+    backoff_steps: int = 32  # steps without drafting after the guard trips (doubles while it keeps tripping)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prior_alpha < 1.0:
+            raise ValueError("prior_alpha must be in (0, 1)")
+        if not (0.0 < self.row_decay <= 1.0 and 0.0 < self.key_decay <= 1.0):
+            raise ValueError("row_decay and key_decay must be in (0, 1]")
+        if self.row_weight <= 0 or self.amortize < 1:
+            raise ValueError("row_weight must be > 0 and amortize >= 1")
+        if min(self.probe_every, self.guard_steps, self.backoff_steps) < 1:
+            raise ValueError("probe_every, guard_steps and backoff_steps must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class SpecConfig:
-    """Speculation limits and policy shared by every request."""
+    """Speculation limits and policy shared by every request. With `auto_window`, a request's window is a cap and
+    the planner picks each row's window every step (0 included); otherwise every cycle drafts the window asked."""
 
     max_speculative_tokens: int = 8
     default_speculative_tokens: int = 4
     bonus_token: bool = True
     draft_hidden: bool = False  # DD-DT judge layout: one extra draft forward per cycle
+    auto_window: bool = False
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_speculative_tokens <= 64:

@@ -15,8 +15,12 @@ from engine.sampling import probs_for_params, residual_distribution, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.spec.acceptance import autojudge_accept, greedy_match, ratio_test, window_mask
-from engine.spec.drafter import Drafter, DraftProposal
+from engine.spec.autowindow import AutoWindow, RowInput
+from engine.spec.cost import StepCost
+from engine.spec.drafter import Drafter, DraftProposal, catch_up_tokens
 from engine.spec.judging import JudgeInput, MismatchJudge, RejectAllJudge
+from engine.spec.planner import Plan
+from engine.spec.profiler import profile_step_cost
 from engine.spec.verifier import TargetScores, Verifier
 from engine.stopping import Detokenize
 from engine.types import Request, RequestOutput, RowCycleStats, SpecCounts, StepStats
@@ -24,7 +28,8 @@ from judge.decide import judge_accepts
 
 
 class Engine:
-    """Runs a target model and an optional draft model together; `draft=None` serves plain decoding only."""
+    """Runs a target model and an optional draft model together; `draft=None` serves plain decoding only.
+    With `config.spec.auto_window`, `step_cost` (profiled here when None) drives the window planner."""
 
     def __init__(
         self,
@@ -38,6 +43,7 @@ class Engine:
         on_step: Callable[[StepStats], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         device: torch.device | str = "cpu",
+        step_cost: StepCost | None = None,
     ) -> None:
         self.config = config
         self.device = torch.device(device)
@@ -60,6 +66,11 @@ class Engine:
         self.on_step = on_step
         self.clock = clock
         self.vocab_size = target.config.vocab_size
+        self.autowindow: AutoWindow | None = None
+        if config.spec.auto_window and draft is not None:
+            if step_cost is None:
+                step_cost = profile_step_cost(target, draft, self.device, slots, config.spec.max_speculative_tokens)
+            self.autowindow = AutoWindow(config.spec.planner, step_cost, config.spec.bonus_token)
 
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -114,6 +125,17 @@ class Engine:
         # A cycle emits at most W (+1 bonus) tokens: never draft past max_tokens.
         bonus = int(self.config.spec.bonus_token)
         widths = [min(s.num_speculative, s.remaining_tokens - bonus) for s in seqs]
+        plan, planned = None, []
+        if self.autowindow is not None:
+            admitted = {id(s) for s in batch.prefill}  # their first token costs what target-only decoding costs
+            planned = [
+                RowInput(s.request_id, planner_key(s), 0 if id(s) in admitted else w, catch_up_tokens(s))
+                for s, w in zip(seqs, widths, strict=True)
+            ]
+            plan = self.autowindow.plan(planned)
+            widths = list(plan.windows)
+        for s, w in zip(seqs, widths, strict=True):
+            s.window_counts[w] += 1
         want_hidden = self.judge.uses_draft_hidden
         if self.drafter is not None and any(widths):
             proposal = self.drafter.propose(seqs, widths, want_hidden)
@@ -126,15 +148,20 @@ class Engine:
         t4 = self.clock()
         width_t = torch.tensor(widths, device=self.device)
         n, judged_in = autojudge_accept(exact_ok, judge_ok, width_t)
-        outputs, rows = self._commit(seqs, widths, proposal, scores, n.tolist(), judged_in, exact_ok)
+        accepted = n.tolist()
+        outputs, rows = self._commit(seqs, widths, proposal, scores, accepted, judged_in, exact_ok)
         t5 = self.clock()
+        emitted = sum(len(o.new_token_ids) for o in outputs)
+        if plan is not None:
+            assert self.autowindow is not None
+            self.autowindow.observe(planned, plan, accepted, t5 - t1, emitted)
         if self.on_step is not None:
             self.on_step(
                 StepStats(
                     num_running=len(self.scheduler.running),
                     num_waiting=len(self.scheduler.waiting),
                     num_prefill_tokens=num_prefill,
-                    num_generated_tokens=sum(len(o.new_token_ids) for o in outputs),
+                    num_generated_tokens=emitted,
                     kv_usage=self._kv_usage(),
                     seconds_prefill=t1 - t0,
                     seconds_draft=t2 - t1,
@@ -143,6 +170,8 @@ class Engine:
                     seconds_step=t5 - t0,
                     rows=tuple(rows),
                     finished=tuple(o for o in outputs if o.finished),
+                    windows=tuple(widths),
+                    predicted_seconds=_seconds(plan),
                 )
             )
         return outputs
@@ -155,8 +184,9 @@ class Engine:
             self.target.forward(
                 [s.token_ids[s.target_len : -1] for s in rows], [s.target_len for s in rows], [s.slot for s in rows]
             )
+        # `auto` defers the draft's prefill to the row's first drafting cycle (the drafter catches it up then).
         drafting = [s for s in seqs if s.num_speculative > 0 and s.draft_len < s.num_prompt_tokens - 1]
-        if drafting and self.draft is not None:
+        if drafting and self.draft is not None and self.autowindow is None:
             self.draft.forward(
                 [s.token_ids[s.draft_len : -1] for s in drafting],
                 [s.draft_len for s in drafting],
@@ -165,7 +195,8 @@ class Engine:
         computed = sum(s.num_prompt_tokens - 1 - s.target_len for s in rows)
         for s in seqs:
             s.target_len = s.num_prompt_tokens - 1
-            s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
+            if self.autowindow is None:
+                s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
         return computed
 
     def _decide(
@@ -284,11 +315,22 @@ class Engine:
             num_output_tokens=seq.num_output_tokens,
             spec=seq.counts if seq.num_speculative else None,
             cycle=cycle,
+            windows=tuple(seq.window_counts),
         )
 
     def _kv_usage(self) -> float:
         used = sum(len(s.token_ids) for s in self.scheduler.running)
         return used / (self.config.cache.max_slots * self.config.cache_len)
+
+
+def planner_key(seq: Sequence) -> tuple[str, float, bool]:
+    """Rows that should accept alike share acceptance history: same profile, τ and decoding mode."""
+    spec = seq.request.spec
+    return (spec.profile, round(spec.judge_threshold, 4), seq.request.sampling.greedy)
+
+
+def _seconds(plan: Plan | None) -> float | None:
+    return None if plan is None else plan.seconds
 
 
 def check_models(config: EngineConfig, target: LanguageModel, draft: LanguageModel | None) -> None:

@@ -17,7 +17,8 @@ class Status(enum.Enum):
 
 class Sequence:
     """NOTE: at the start of every cycle `target_len == len(token_ids) - 1` (the last token is fed by verify)
-    and `draft_len <= target_len` (the draft catches up by at most two tokens)."""
+    and `draft_len <= target_len`: by one or two tokens after a drafting cycle, by any number while the `auto`
+    planner keeps a row from drafting (the drafter catches it up when it drafts again)."""
 
     def __init__(self, request: Request, num_speculative: int, device: torch.device) -> None:
         self.request = request
@@ -29,6 +30,7 @@ class Sequence:
         self.draft_len = 0
         self.status = Status.WAITING
         self.counts = SpecCounts()
+        self.window_counts = [0] * (num_speculative + 1)  # steps run at each window W (0: plain decoding)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator: torch.Generator | None = None

@@ -121,6 +121,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     spec: SpecCounts | None = None
     cycle: SpecCounts | None = None  # this step's speculation cycle (num_spec_steps == 1); None if it drafted none
+    windows: tuple[int, ...] = ()  # final output: steps run at each window W (index 0: plain decoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +150,5 @@ class StepStats:
     seconds_step: float
     rows: tuple[RowCycleStats, ...]
     finished: tuple[RequestOutput, ...]
+    windows: tuple[int, ...] = ()  # each running row's window this step (0: it did not draft)
+    predicted_seconds: float | None = None  # the `auto` planner's cost-model time of draft + verify + commit

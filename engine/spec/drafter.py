@@ -21,12 +21,21 @@ class DraftProposal:
     fed_end: list[int]  # draft cache length written by the drafting forwards
 
 
+def catch_up_tokens(seq: Sequence) -> int:
+    """Tokens a row's draft cache must read in a forward of its own before drafting: a row that has not drafted
+    for a while (or whose draft prefill was deferred) lags by many, and padding every row of step 0 to its length
+    would make them all pay for it. A lag of one or two tokens is read by step 0 itself."""
+    lag = len(seq.token_ids) - seq.draft_len
+    return lag - 1 if lag > 2 else 0
+
+
 class Drafter:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
     def propose(self, seqs: list[Sequence], widths: list[int], want_hidden: bool) -> DraftProposal:
-        """Step 0 feeds each row's catch-up tokens `token_ids[draft_len:]`; step k >= 1 feeds d_k.
+        """Lagging rows read `token_ids[draft_len:-1]` first (`catch_up_tokens`); then step 0 feeds each row's
+        remaining tokens `token_ids[draft_len:]`; step k >= 1 feeds d_k.
 
         NOTE: with `want_hidden`, a row of width w also feeds d_w at step w: its state is the DD feature of the
         last slot (method §5, one extra draft forward per cycle), and it advances the draft cache.
@@ -40,6 +49,12 @@ class Drafter:
         probs = torch.zeros(num_rows, width, vocab, device=dev) if sampled else None
         hidden_size = self.runner.model.config.hidden_size
         hidden = torch.zeros(num_rows, width, hidden_size, device=dev) if want_hidden else None
+        lagging = [b for b in range(num_rows) if widths[b] > 0 and catch_up_tokens(seqs[b])]
+        if lagging:
+            feeds = [seqs[b].token_ids[fed[b] : -1] for b in lagging]
+            self.runner.forward(feeds, [fed[b] for b in lagging], [seqs[b].slot for b in lagging])
+            for b in lagging:
+                fed[b] = len(seqs[b].token_ids) - 1
         for step in range(width + int(want_hidden)):
             rows = [b for b in range(num_rows) if step < widths[b] + int(want_hidden) and widths[b] > 0]
             if not rows:

@@ -1,0 +1,126 @@
+"""`auto` speculation windows: per-row acceptance estimates, the planner's choice each step, the probe that keeps a
+profile's estimate fresh, and the guard that stops drafting while measured steps run slower than plain decoding.
+
+The engine asks `plan()` before drafting and reports each step with `observe()`; this object only counts and
+chooses (no model runs here), so its state can never leave a KV cache inconsistent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from engine.config import PlannerConfig
+from engine.spec.cost import StepCost
+from engine.spec.planner import Plan, Row, expected_tokens, plan_windows, step_seconds
+
+Key = tuple[str, float, bool]  # (task profile, τ, greedy): rows that should accept alike
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Discounted counts of drafted positions: accepted ones and trials (accepted + the one rejected)."""
+
+    accepted: float = 0.0
+    trials: float = 0.0
+
+    def observe(self, window: int, accepted: int, decay: float) -> Tally:
+        """One cycle that drafted `window` and accepted the first `accepted`: the geometric model's evidence."""
+        rejected = float(accepted < window)
+        return Tally(decay * self.accepted + accepted, decay * self.trials + accepted + rejected)
+
+    def alpha(self, prior: float, weight: float) -> float:
+        """The counts plus `weight` pseudo-positions at `prior`."""
+        return (self.accepted + weight * prior) / (self.trials + weight)
+
+
+@dataclass(frozen=True, slots=True)
+class RowInput:
+    """One running row as the engine sees it this step."""
+
+    request_id: str
+    key: Key
+    cap: int  # request cap and tokens left; 0 on the step that admits it (its first token costs target-only)
+    catch_up: int  # tokens a separate draft forward would read first (engine/spec/drafter.py)
+
+
+@dataclass(slots=True)
+class _Guard:
+    slow_steps: int = 0
+    backoff_left: int = 0
+    backoff_len: int = 0
+
+
+class AutoWindow:
+    def __init__(self, config: PlannerConfig, cost: StepCost, bonus: bool) -> None:
+        self.config, self.cost, self.bonus = config, cost, bonus
+        self.rows: dict[str, Tally] = {}
+        self.keys: dict[Key, Tally] = {}
+        self.last_seen: dict[Key, int] = {}  # step of each key's last observed cycle
+        self.step = 0
+        self.guard = _Guard(backoff_len=config.backoff_steps)
+        self.probes = 0  # rows made to draft by the probe, in total
+        self.backoffs = 0  # times the guard tripped
+        self.plain_ratio: float | None = None  # EMA of measured / predicted seconds of steps without drafting
+
+    def key_alpha(self, key: Key) -> float:
+        return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
+
+    def row_alpha(self, row: RowInput) -> float:
+        prior = self.key_alpha(row.key)
+        return self.rows.get(row.request_id, Tally()).alpha(prior, self.config.row_weight)
+
+    def plan(self, inputs: list[RowInput]) -> Plan:
+        self.step += 1
+        live = {r.request_id for r in inputs}
+        self.rows = {k: v for k, v in self.rows.items() if k in live}  # finished and aborted rows leave
+        rows = [Row(self.row_alpha(r), r.cap, r.catch_up) for r in inputs]
+        if self.guard.backoff_left > 0:
+            self.guard.backoff_left -= 1
+            return plan_windows([replace(r, cap=0) for r in rows], self.cost, self.bonus, self.config.amortize)
+        plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize)
+        return self._probe(inputs, rows, plan)
+
+    def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
+        """A key no cycle has measured for `probe_every` steps gets one drafting row (window 1), so a profile
+        whose estimate said "do not draft" under load is measured again once the load has changed."""
+        windows = list(plan.windows)
+        drafting = {r.key for r, w in zip(inputs, windows, strict=True) if w > 0}
+        for b, r in enumerate(inputs):
+            stale = self.step - self.last_seen.setdefault(r.key, self.step) >= self.config.probe_every
+            if stale and r.key not in drafting and r.cap > 0:
+                windows[b] = 1
+                drafting.add(r.key)
+                self.last_seen[r.key] = self.step
+                self.probes += 1
+        if windows == list(plan.windows):
+            return plan
+        tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
+        return Plan(tuple(windows), tokens, step_seconds(self.cost, windows, rows))
+
+    def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
+        """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
+        part and the tokens it emitted. The guard compares a drafting step's measured speed with plain decoding's,
+        both scaled by measured / predicted time (plain steps' own ratio once there are any)."""
+        c = self.config
+        for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
+            if w == 0:
+                continue
+            self.rows[r.request_id] = self.rows.get(r.request_id, Tally()).observe(w, n, c.row_decay)
+            self.keys[r.key] = self.keys.get(r.key, Tally()).observe(w, n, c.key_decay)
+            self.last_seen[r.key] = self.step
+        if seconds <= 0 or plan.seconds <= 0:
+            return
+        ratio = seconds / plan.seconds
+        if not any(plan.windows):
+            self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
+            return
+        plain_seconds = self.cost.target(len(inputs), 1) * (self.plain_ratio or ratio)
+        g = self.guard
+        if emitted / seconds < len(inputs) / plain_seconds:
+            g.slow_steps += 1
+            if g.slow_steps >= c.guard_steps:
+                g.backoff_left, g.slow_steps = g.backoff_len, 0
+                g.backoff_len = min(2 * g.backoff_len, 16 * c.backoff_steps)
+                self.backoffs += 1
+        else:
+            g.slow_steps, g.backoff_len = 0, c.backoff_steps

@@ -1,0 +1,100 @@
+"""The window planner: each step, each row's speculation window W in [0, cap] that maximises the batch's expected
+tokens per second under the step-cost model, "no row drafts" included.
+
+Acceptance is modelled per row as independent per-position acceptance with probability α (the geometric model of
+speculative decoding), estimated from the row's own cycles and seeded by what rows of the same task profile and
+threshold τ have shown (a looser judge earns longer windows by itself). The expected tokens of a row grow by
+`gain(α, k) = E(α, k) - E(α, k - 1)` when its window grows from k - 1 to k, which rises with α; so at each depth
+the rows that should reach it are those with the highest α, and the search adds rows depth by depth, keeping the
+best plan seen (O(rows x depth) per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.spec.cost import StepCost
+
+
+def expected_tokens(alpha: float, window: int, bonus: bool) -> float:
+    """Tokens one cycle emits in expectation: accepted drafts n (P(n >= i) = α^i), plus the recovered token when
+    n < W, plus the bonus after a full window when it is on. W = 0 is plain decoding: one token."""
+    if window == 0:
+        return 1.0
+    accepted = sum(alpha**i for i in range(1, window + 1))
+    full = alpha**window
+    return accepted + (1.0 - full) + (full if bonus else 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """What the planner knows of one running row."""
+
+    alpha: float  # per-position acceptance estimate
+    cap: int  # largest window allowed (request cap, tokens left)
+    catch_up: int  # tokens a separate draft forward must read before this row drafts (0: none, see Drafter)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    windows: tuple[int, ...]
+    expected_tokens: float
+    seconds: float  # predicted step time (draft catch-up included in full)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.expected_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def step_seconds(cost: StepCost, windows: list[int], rows: list[Row]) -> float:
+    """Predicted seconds of one step: the drafts (a catch-up forward for lagging rows, then one forward per depth
+    over the rows still drafting) and one verify over `1 + max W` tokens per row."""
+    depth = max(windows, default=0)
+    seconds = cost.target(len(windows), 1 + depth)
+    lagging = [r.catch_up for r, w in zip(rows, windows, strict=True) if w > 0 and r.catch_up > 0]
+    if lagging:
+        seconds += cost.draft(len(lagging), max(lagging))
+    for k in range(1, depth + 1):
+        seconds += cost.draft(sum(w >= k for w in windows), 1)
+    return seconds
+
+
+def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float) -> Plan:
+    """The best plan of the depth-by-depth search. A lagging row's catch-up forward counts `1 / amortize` of its
+    cost when choosing (it is paid once, then serves every later cycle), in full in the predicted time."""
+    n = len(rows)
+    windows = [0] * n
+    gained = float(n)  # W = 0 everywhere: one token per row
+    draft_seconds = 0.0  # depth forwards chosen so far
+    lag_chosen: list[int] = []  # catch-up lengths of rows that draft
+    best = (gained / cost.target(n, 1), tuple(windows))
+    for k in range(1, max((r.cap for r in rows), default=0) + 1):
+        candidates = [b for b in range(n) if windows[b] == k - 1 and rows[b].cap >= k]
+        candidates.sort(key=lambda b: -rows[b].alpha)
+        if not candidates:
+            break
+        verify = cost.target(n, 1 + k)
+        top: tuple[float, int, float] | None = None  # (tokens per second, rows, tokens gained)
+        extra, lags = 0.0, list(lag_chosen)
+        for j, b in enumerate(candidates, start=1):
+            extra += expected_tokens(rows[b].alpha, k, bonus) - expected_tokens(rows[b].alpha, k - 1, bonus)
+            if k == 1 and rows[b].catch_up > 0:
+                lags.append(rows[b].catch_up)
+            catch_up = cost.draft(len(lags), max(lags)) / amortize if lags else 0.0
+            seconds = verify + draft_seconds + cost.draft(j, 1) + catch_up
+            rate = (gained + extra) / seconds
+            if top is None or rate > top[0]:
+                top = (rate, j, extra)
+        assert top is not None
+        rate, j, extra = top
+        for b in candidates[:j]:
+            windows[b] = k
+            if k == 1 and rows[b].catch_up > 0:
+                lag_chosen.append(rows[b].catch_up)
+        gained += extra
+        draft_seconds += cost.draft(j, 1)
+        if rate > best[0]:
+            best = (rate, tuple(windows))
+    chosen = list(best[1])
+    tokens = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, chosen, strict=True))
+    return Plan(best[1], tokens, step_seconds(cost, chosen, rows))

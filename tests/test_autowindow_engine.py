@@ -1,0 +1,116 @@
+"""The `auto` window inside the engine: greedy lossless output equals target-only decoding whatever windows the
+planner picks (including rows that stop drafting and catch up later), a row's first step never drafts, a planner
+that never drafts runs no draft forward at all, and outputs and step stats report the windows."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_planner import cost
+from test_spec_greedy import prompts, requests
+
+from conftest import run_all
+from engine import CacheConfig, Engine, EngineConfig, SpecConfig
+from engine.config import PlannerConfig
+from engine.spec.autowindow import RowInput
+from engine.spec.cost import StepCost
+from engine.spec.planner import Plan
+from engine.types import StepStats
+
+DRAFTS_PAY = cost(0.1, 0.0, 0.005, 0.0)  # memory-bound target, cheap draft: the planner drafts
+NEVER_PAYS = cost(0.0, 0.01, 0.004, 0.004)  # compute-bound target: the planner never drafts
+
+
+def auto_engine(
+    target, draft, step_cost: StepCost, bonus: bool = True, on_step=None, planner: PlannerConfig | None = None
+) -> Engine:
+    spec = SpecConfig(
+        max_speculative_tokens=8,
+        default_speculative_tokens=8,
+        bonus_token=bonus,
+        auto_window=True,
+        planner=planner or PlannerConfig(),
+    )
+    config = EngineConfig(cache=CacheConfig(max_slots=8, max_model_len=160), spec=spec)
+    return Engine(config, target, draft, step_cost=step_cost, on_step=on_step)
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    tokens, _ = run_all(auto_engine(target, None, DRAFTS_PAY), requests(prompts(8, seed=3)))
+    return tokens
+
+
+class Counting:
+    """Wraps a runner's forward to count calls."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.calls = runner, 0
+        self.inner = runner.forward
+        runner.forward = self
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("bonus", [True, False])
+def test_greedy_output_equals_target_only_whatever_windows_are_picked(target, draft, reference, seed, bonus) -> None:
+    engine = auto_engine(target, draft, DRAFTS_PAY, bonus)
+    rng = random.Random(seed)
+    assert engine.autowindow is not None
+    real_plan = engine.autowindow.plan
+    picked: list[int] = []
+
+    def random_plan(inputs: list[RowInput]) -> Plan:
+        real_plan(inputs)
+        # long runs of 0 let the draft fall far behind; the drafter must catch it up when drafting resumes
+        windows = tuple(rng.choice([0, 0, 0, r.cap]) if r.cap else 0 for r in inputs)
+        picked.extend(windows)
+        return Plan(windows, float(len(inputs)), 1.0)
+
+    engine.autowindow.plan = random_plan  # type: ignore[method-assign]
+    tokens, finals = run_all(engine, requests(prompts(8, seed=3), width=8))
+    assert tokens == reference
+    assert 0 in picked and max(picked) > 1
+    assert sum(f.spec.num_accepted_tokens for f in finals.values()) > 0
+
+
+def test_the_real_planner_drafts_when_it_pays_and_stays_exact(target, draft, reference) -> None:
+    stats: list[StepStats] = []
+    engine = auto_engine(target, draft, DRAFTS_PAY, on_step=stats.append)
+    tokens, finals = run_all(engine, requests(prompts(8, seed=3), width=8))
+    assert tokens == reference
+    assert any(any(s.windows) for s in stats)
+    assert all(s.predicted_seconds is not None and s.predicted_seconds > 0 for s in stats)
+    for f in finals.values():
+        assert f.windows[0] >= 1  # the admitting step
+        assert sum(f.windows) == f.spec.num_spec_steps + f.windows[0]
+
+
+def test_a_rows_first_step_never_drafts(target, draft) -> None:
+    stats: list[StepStats] = []
+    engine = auto_engine(target, draft, DRAFTS_PAY, on_step=stats.append)
+    run_all(engine, requests(prompts(1, seed=5), width=8))
+    assert stats[0].windows == (0,) and stats[1].windows[0] > 0
+
+
+def test_a_planner_that_never_drafts_runs_no_draft_forward(target, draft, reference) -> None:
+    engine = auto_engine(target, draft, NEVER_PAYS, planner=PlannerConfig(probe_every=10_000))
+    assert engine.draft is not None
+    counting = Counting(engine.draft)
+    tokens, finals = run_all(engine, requests(prompts(8, seed=3)[:4], width=8))
+    assert tokens == {k: v for k, v in reference.items() if int(k[1:]) < 4}
+    assert counting.calls == 0  # no draft prefill either: it waits for a drafting cycle
+    assert all(f.windows[1:] == (0,) * 8 for f in finals.values())
+
+
+def test_auto_without_a_step_cost_profiles_the_models(target, draft) -> None:
+    spec = SpecConfig(max_speculative_tokens=4, auto_window=True)
+    engine = Engine(EngineConfig(cache=CacheConfig(max_slots=4, max_model_len=160), spec=spec), target, draft)
+    assert engine.autowindow is not None
+    c = engine.autowindow.cost
+    assert c.target.rows == (1, 2, 4) and c.target.tokens == (1, 2, 3, 5)
+    assert all(x > 0 for row in c.target.seconds for x in row)

@@ -1,0 +1,154 @@
+"""The `auto` window planner's pure parts: the cost grid, expected tokens, the depth-by-depth search, the
+acceptance tallies, the probe and the guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.config import PlannerConfig
+from engine.spec.autowindow import AutoWindow, RowInput, Tally
+from engine.spec.cost import ForwardCost, StepCost, interpolate
+from engine.spec.planner import Row, expected_tokens, plan_windows, step_seconds
+from engine.spec.profiler import grid
+
+
+def linear_cost(fixed: float, per_token: float, rows: tuple[int, ...] = (1, 4, 16), tokens=(1, 3, 9)) -> ForwardCost:
+    """A forward that costs `fixed` plus `per_token` for each token it computes (rows x tokens)."""
+    return ForwardCost(rows, tokens, tuple(tuple(fixed + per_token * b * q for q in tokens) for b in rows))
+
+
+def cost(target_fixed: float, target_token: float, draft_fixed: float, draft_token: float) -> StepCost:
+    return StepCost(linear_cost(target_fixed, target_token), linear_cost(draft_fixed, draft_token), 256)
+
+
+def test_interpolation_is_exact_on_the_grid_and_linear_between_and_beyond() -> None:
+    c = linear_cost(0.01, 0.002)
+    assert c(4, 3) == pytest.approx(0.01 + 0.002 * 12)
+    assert c(2, 2) == pytest.approx(0.01 + 0.002 * 2 * 2, rel=0.3)  # bilinear through a product: close
+    assert c(32, 9) == pytest.approx(0.01 + 0.002 * 32 * 9)  # extrapolated along the last segment
+    assert c(0, 5) == 0.0 and c(3, 0) == 0.0
+    assert interpolate((1, 2), (1.0, 0.5), 10) == 0.0  # never negative
+    assert ForwardCost.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="ascending"):
+        ForwardCost((4, 1), (1,), ((1.0,), (1.0,)))
+    with pytest.raises(ValueError, match="shape"):
+        ForwardCost((1, 4), (1,), ((1.0,),))
+
+
+def test_profile_grid_spans_one_row_to_all_slots_and_one_token_to_k_plus_one() -> None:
+    assert grid(16, 8) == ((1, 2, 4, 8, 16), (1, 2, 3, 5, 9))
+    assert grid(6, 4) == ((1, 2, 4, 6), (1, 2, 3, 5))
+    assert grid(1, 1) == ((1,), (1, 2))
+
+
+def test_expected_tokens_follow_the_geometric_model() -> None:
+    assert expected_tokens(0.7, 0, bonus=True) == 1.0
+    assert expected_tokens(0.7, 1, bonus=True) == pytest.approx(1.7)
+    assert expected_tokens(0.7, 1, bonus=False) == pytest.approx(1.0)  # one token either way
+    alpha, w = 0.8, 5
+    assert expected_tokens(alpha, w, bonus=True) == pytest.approx((1 - alpha ** (w + 1)) / (1 - alpha))
+    assert expected_tokens(1.0, 4, bonus=False) == 4.0
+    assert expected_tokens(0.0, 4, bonus=True) == 1.0
+
+
+def test_cheap_drafts_and_a_flat_verify_earn_the_whole_cap() -> None:
+    # memory-bound target (verify of 9 tokens costs what one costs), a draft at 5% of it
+    c = cost(0.1, 0.0, 0.005, 0.0)
+    plan = plan_windows([Row(0.9, 8, 0), Row(0.9, 3, 0)], c, bonus=True, amortize=16)
+    assert plan.windows == (8, 3)
+    assert plan.seconds == pytest.approx(step_seconds(c, [8, 3], [Row(0.9, 8, 0), Row(0.9, 3, 0)]))
+    assert plan.tokens_per_second > 2 / c.target(2, 1)
+
+
+def test_a_compute_bound_verify_means_no_row_drafts() -> None:
+    # every verified token costs as much as a whole step of one row, as on a busy CPU
+    c = cost(0.0, 0.01, 0.004, 0.004)
+    plan = plan_windows([Row(0.7, 8, 0)] * 16, c, bonus=True, amortize=16)
+    assert plan.windows == (0,) * 16
+    assert plan.seconds == pytest.approx(c.target(16, 1))
+
+
+def test_higher_acceptance_gets_a_window_at_least_as_long_and_caps_hold() -> None:
+    c = cost(0.05, 0.001, 0.01, 0.0005)
+    rows = [Row(0.3, 8, 0), Row(0.95, 8, 0), Row(0.6, 8, 0), Row(0.95, 2, 0)]
+    plan = plan_windows(rows, c, bonus=True, amortize=16)
+    by_alpha = sorted(zip([r.alpha for r in rows[:3]], plan.windows[:3], strict=True))
+    assert [w for _, w in by_alpha] == sorted(w for _, w in by_alpha)
+    assert plan.windows[3] <= 2 and all(w <= r.cap for w, r in zip(plan.windows, rows, strict=True))
+    assert plan.windows[1] > 0
+
+
+def test_a_looser_judge_earns_a_longer_window() -> None:
+    c = cost(0.05, 0.002, 0.012, 0.0)
+    strict = plan_windows([Row(0.55, 8, 0)], c, bonus=True, amortize=16).windows[0]
+    loose = plan_windows([Row(0.9, 8, 0)], c, bonus=True, amortize=16).windows[0]
+    assert loose > strict
+
+
+def test_a_long_catch_up_is_amortised_when_choosing_but_paid_in_full_in_the_prediction() -> None:
+    c = cost(0.1, 0.0, 0.005, 0.002)
+    row = Row(0.9, 4, 300)
+    plan = plan_windows([row], c, bonus=True, amortize=16)
+    assert plan.windows == (4,)
+    assert plan.seconds == pytest.approx(c.target(1, 5) + c.draft(1, 300) + 4 * c.draft(1, 1))
+    assert plan_windows([row], c, bonus=True, amortize=1).windows == (0,)  # paid at once it does not pay
+
+
+def test_tally_is_the_geometric_evidence_with_a_prior() -> None:
+    t = Tally().observe(4, 4, 1.0).observe(4, 1, 1.0)  # 5 accepted, 1 rejected
+    assert (t.accepted, t.trials) == (5.0, 6.0)
+    assert t.alpha(0.5, 0.0) == pytest.approx(5 / 6)
+    assert Tally().alpha(0.6, 4.0) == pytest.approx(0.6)
+    decayed = Tally(10.0, 10.0).observe(2, 0, 0.5)
+    assert (decayed.accepted, decayed.trials) == (5.0, 6.0)
+
+
+def rows_of(n: int, cap: int = 8, profile: str = "lossless") -> list[RowInput]:
+    return [RowInput(f"r{i}", (profile, 0.0, True), cap, 0) for i in range(n)]
+
+
+def test_profile_history_seeds_new_rows_and_finished_rows_are_forgotten() -> None:
+    aw = AutoWindow(PlannerConfig(), cost(0.1, 0.0, 0.005, 0.0), bonus=True)
+    inputs = rows_of(2)
+    plan = aw.plan(inputs)
+    aw.observe(inputs, plan, [plan.windows[0], plan.windows[1]], plan.seconds, 10)  # everything accepted
+    assert aw.key_alpha(("lossless", 0.0, True)) > PlannerConfig().prior_alpha
+    newcomer = RowInput("r9", ("lossless", 0.0, True), 8, 0)
+    assert aw.row_alpha(newcomer) == pytest.approx(aw.key_alpha(newcomer.key))
+    assert aw.row_alpha(newcomer) > aw.row_alpha(RowInput("x", ("other", 0.0, True), 8, 0))
+    aw.plan([newcomer])
+    assert set(aw.rows) == set()  # r0 and r1 left; r9 has not drafted yet
+
+
+def test_the_guard_backs_off_after_slow_drafting_steps_and_doubles() -> None:
+    config = PlannerConfig(guard_steps=3, backoff_steps=4)
+    aw = AutoWindow(config, cost(0.1, 0.0, 0.005, 0.0), bonus=True)
+    inputs = rows_of(1)
+    for _ in range(3):
+        plan = aw.plan(inputs)
+        assert plan.windows[0] > 0
+        aw.observe(inputs, plan, [0], seconds=10 * plan.seconds, emitted=1)  # far slower than plain decoding
+    assert aw.backoffs == 1
+    for _ in range(4):
+        plan = aw.plan(inputs)
+        assert plan.windows == (0,)
+        aw.observe(inputs, plan, [0], seconds=plan.seconds, emitted=1)
+    assert aw.plan(inputs).windows[0] > 0  # drafting again
+    assert aw.guard.backoff_len == 8
+
+
+def test_a_profile_unmeasured_for_probe_every_steps_gets_one_probing_row() -> None:
+    config = PlannerConfig(probe_every=5)
+    aw = AutoWindow(config, cost(0.0, 0.01, 0.004, 0.004), bonus=True)  # the planner never drafts here
+    inputs = rows_of(3)
+    windows = []
+    for _ in range(12):
+        plan = aw.plan(inputs)
+        windows.append(plan.windows)
+        aw.observe(inputs, plan, [0] * 3, plan.seconds, 3)
+    probes = [w for w in windows if any(w)]
+    assert probes and all(sorted(w) == [0, 0, 1] for w in probes)
+    assert aw.probes == len(probes) == 2
+    assert not math.isnan(plan.tokens_per_second)
