@@ -19,7 +19,9 @@ from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
 from engine.model.pair import DTYPES, QUANTIZE, load_pair
+from engine.spec.cost import StepCost
 from engine.spec.judging import LOSSLESS, HeadJudge
+from engine.spec.profiler import cached_step_cost, describe, profile_key, profile_step_cost
 from engine.types import StepStats
 from judge.head import JudgeHead
 from judge.io import METADATA, SHIPPED_HEADS, load_head
@@ -74,6 +76,7 @@ class ModelSource:
     quantize: str = "none"  # none | int8: W8A8 target and draft checkpoint (engine.model.pair.QUANTIZE)
     threads: int = 0  # CPU threads; 0 keeps torch's choice
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autojudge")
+    reprofile: bool = False  # auto windows: measure the step-cost profile again instead of reading its cache
     model_name: str | None = None  # served model id; default: the target file or directory name
     profiles: tuple[ProfileSpec, ...] | None = None  # None: `default_profiles` from `heads`
 
@@ -173,6 +176,22 @@ def load_judge(
     return load_profiles(specs, judge_fingerprint(target, draft), device)[0]
 
 
+def step_cost_of(
+    pair: dict[str, Any],
+    target: Decoder,
+    draft: Decoder,
+    device: torch.device,
+    config: EngineConfig,
+    source: ModelSource,
+) -> tuple[StepCost, bool]:
+    """The step-cost profile of this pair on this device and thread count: cached, or measured now."""
+    slots, width = config.cache.max_slots, config.spec.max_speculative_tokens
+    key = profile_key(pair, device, slots, width)
+    return cached_step_cost(
+        source.cache_dir, key, lambda: profile_step_cost(target, draft, device, slots, width), source.reprofile
+    )
+
+
 def pair_engine(
     config: EngineConfig,
     target: LoadedModel,
@@ -180,6 +199,7 @@ def pair_engine(
     judge: HeadJudge,
     on_step: Callable[[StepStats], None] | None,
     device: str | torch.device,
+    step_cost: StepCost | None = None,
 ) -> Engine:
     """An `Engine` over a loaded pair, with the target's EOS ids and its tokenizer for stop strings."""
     tokenizer = target.tokenizer
@@ -192,6 +212,7 @@ def pair_engine(
         detokenize=lambda ids: str(tokenizer.decode(ids)),
         on_step=on_step,
         device=device,
+        step_cost=step_cost,
     )
 
 
@@ -214,8 +235,14 @@ def build_engine(
         quantize=source.quantize,
     )
     specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
-    judge, profiles = load_profiles(specs, judge_fingerprint(target, draft), device)
-    engine = pair_engine(config, target, draft, judge, on_step, device)
+    pair = judge_fingerprint(target, draft)
+    judge, profiles = load_profiles(specs, pair, device)
+    step_cost, cost_note = None, ""
+    if config.spec.auto_window and draft is not None:
+        assert pair is not None
+        step_cost, measured = step_cost_of(pair, target.model, draft, torch.device(device), config, source)
+        cost_note = f", auto windows on a {'measured' if measured else 'cached'} step cost: {describe(step_cost)}"
+    engine = pair_engine(config, target, draft, judge, on_step, device, step_cost)
     name = source.model_name or Path(target.source).name.removesuffix(".gguf")
     info = engine_info(engine, name, None if draft is None else source.draft, profiles)
     seconds = time.perf_counter() - start
@@ -226,7 +253,7 @@ def build_engine(
     summary = (
         f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{served}], "
         f"{precision} on {device}, "
-        f"{config.cache.max_slots} slots x {config.cache.max_model_len} tokens"
+        f"{config.cache.max_slots} slots x {config.cache.max_model_len} tokens{cost_note}"
     )
     return LoadedEngine(AsyncEngine(engine, info), target.tokenizer, info, seconds, summary)
 
@@ -246,4 +273,6 @@ def engine_info(
         default_speculative_tokens=c.spec.default_speculative_tokens if draft_name else 0,
         bonus_token=c.spec.bonus_token,
         profiles=profiles,
+        auto_window=engine.autowindow is not None,
+        step_cost=None if engine.autowindow is None else engine.autowindow.cost.to_dict(),
     )

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.engine import Engine
 from engine.scheduler import QueueFullError
@@ -54,6 +54,8 @@ class EngineInfo:
     default_speculative_tokens: int
     bonus_token: bool
     profiles: tuple[ProfileInfo, ...]
+    auto_window: bool = False  # the planner picks each row's window (up to its num_speculative_tokens)
+    step_cost: Mapping[str, Any] | None = None  # the planner's step-cost profile (engine.spec.cost.StepCost)
 
 
 @dataclass(frozen=True, slots=True)

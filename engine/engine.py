@@ -171,6 +171,7 @@ class Engine:
                     rows=tuple(rows),
                     finished=tuple(o for o in outputs if o.finished),
                     windows=tuple(widths),
+                    window_profiles=tuple(s.request.spec.profile for s in seqs),
                     predicted_seconds=_seconds(plan),
                 )
             )

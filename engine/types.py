@@ -151,4 +151,5 @@ class StepStats:
     rows: tuple[RowCycleStats, ...]
     finished: tuple[RequestOutput, ...]
     windows: tuple[int, ...] = ()  # each running row's window this step (0: it did not draft)
+    window_profiles: tuple[str, ...] = ()  # each running row's task profile, in the order of `windows`
     predicted_seconds: float | None = None  # the `auto` planner's cost-model time of draft + verify + commit

@@ -294,6 +294,10 @@ def final_usage(job: Job) -> dict[str, int]:
     return usage(len(job.request.prompt_token_ids), job.num_output)
 
 
+def windows(final: RequestOutput | None) -> tuple[int, ...]:
+    return () if final is None else final.windows
+
+
 def metrics_block(job: Job) -> dict[str, Any] | None:
     if (job.body.spec_metrics or job.ctx.spec_metrics) == "none":
         return None
@@ -301,7 +305,11 @@ def metrics_block(job: Job) -> dict[str, Any] | None:
     spec = job.resolved.spec
     width = job.resolved.width
     return {
-        "speculative_decoding": speculative_decoding(counts, width, job.cycles) if counts is not None else None,
+        "speculative_decoding": (
+            speculative_decoding(counts, width, job.cycles, windows(job.final), job.ctx.info.auto_window)
+            if counts is not None
+            else None
+        ),
         "judge": judge_block(
             counts,
             spec.profile,

@@ -25,6 +25,12 @@ Derived ratios, `[$i]` = `[$__rate_interval]`:
 - time split: sum by (phase)(rate(autojudge_engine_phase_seconds_total[$i]))
   / on() group_left() sum(rate(autojudge_engine_phase_seconds_total[$i]))
 - error ratio: sum(rate(http_requests_total{status=~"5.."}[$i])) / sum(rate(http_requests_total[$i]))
+- mean window by profile: sum by (task_profile)(rate(autojudge_spec_decode_window_sum[$i]))
+  / sum by (task_profile)(rate(autojudge_spec_decode_window_count[$i]))
+- steps without drafting: sum(rate(autojudge_engine_steps_without_draft_total[$i]))
+  / sum(rate(autojudge_engine_step_seconds_count[$i]))
+- cost model error: sum(rate(autojudge_step_cost_measured_seconds_total[$i]))
+  / sum(rate(autojudge_step_cost_predicted_seconds_total[$i]))
 """
 
 from __future__ import annotations
@@ -114,6 +120,32 @@ class ServerMetrics:
             "Tokens emitted per speculation cycle",
             mp,
             buckets=CYCLE_BUCKETS,
+            registry=r,
+        )
+        self.window = Histogram(
+            "autojudge_spec_decode_window",
+            "Speculation window of each running row per engine step (0: the row did not draft)",
+            mp,
+            buckets=tuple(float(w) for w in range(info.max_speculative_tokens + 1)),
+            registry=r,
+        )
+        self.steps_without_draft = Counter(
+            "autojudge_engine_steps_without_draft", "Engine steps in which no row drafted", m, registry=r
+        )
+        self.cost_predicted = Counter(
+            "autojudge_step_cost_predicted_seconds",
+            "Cost-model time of the auto planner's steps (draft + verify + commit)",
+            m,
+            registry=r,
+        )
+        self.cost_measured = Counter(
+            "autojudge_step_cost_measured_seconds", "Measured time of the same steps and phases", m, registry=r
+        )
+        self.cost_error = Histogram(
+            "autojudge_step_cost_error_ratio",
+            "Measured over predicted step time, per auto-planned step",
+            m,
+            buckets=(0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0),
             registry=r,
         )
         self.judge_latency = Histogram(
@@ -211,6 +243,15 @@ class ServerMetrics:
         self.waiting.labels(name).set(stats.num_waiting)
         self.batch_size.labels(name).set(stats.num_running + len(stats.finished))  # rows of this step
         self.kv_usage.labels(name).set(stats.kv_usage)
+        for w, profile in zip(stats.windows, stats.window_profiles, strict=True):
+            self.window.labels(name, profile).observe(w)
+        if not any(stats.windows):
+            self.steps_without_draft.labels(name).inc()
+        if stats.predicted_seconds:
+            measured = stats.seconds_step - stats.seconds_prefill
+            self.cost_predicted.labels(name).inc(stats.predicted_seconds)
+            self.cost_measured.labels(name).inc(measured)
+            self.cost_error.labels(name).observe(measured / stats.predicted_seconds)
         # NOTE: the judge runs only when some row has a mismatch and τ > 0; `num_judged > 0` is the visible part
         # of that, so a step whose judged mismatches all fell in τ = 0 rows is not timed.
         if any(row.counts.num_judged for row in stats.rows):

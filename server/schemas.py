@@ -120,9 +120,12 @@ def usage(num_prompt: int, num_output: int) -> dict[str, int]:
     return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output}
 
 
-def speculative_decoding(counts: SpecCounts, width: int, cycles: list[SpecCounts] | None) -> dict[str, Any]:
+def speculative_decoding(
+    counts: SpecCounts, width: int, cycles: list[SpecCounts] | None, windows: tuple[int, ...], auto: bool
+) -> dict[str, Any]:
     """vLLM's per-request schema; mean acceptance length is `1 + accepted / cycles` (vLLM's definition). With
-    `cycles` ("detailed"), the accepted and drafted counts of each cycle too."""
+    `cycles` ("detailed"), the accepted and drafted counts of each cycle too. `windows[W]` counts the engine steps
+    this request ran at window W (0: not drafting), which `auto` chooses per step up to `width`."""
     steps = counts.num_spec_steps
     # accepted_per_pos[i] counts cycles that kept draft i, i.e. that accepted more than i drafts.
     at_least = [steps, *counts.accepted_per_pos[:width], 0]
@@ -134,6 +137,8 @@ def speculative_decoding(counts: SpecCounts, width: int, cycles: list[SpecCounts
         "draft_acceptance_rate": counts.draft_acceptance_rate,
         "mean_acceptance_length": 1 + counts.num_accepted_tokens / steps if steps else 0.0,
         "acceptance_histogram": [at_least[j] - at_least[j + 1] for j in range(width + 1)],
+        "window": "auto" if auto else "fixed",
+        "window_histogram": list(windows),
     }
     if cycles is not None:
         out["per_step_accepted"] = [c.num_accepted_tokens for c in cycles]

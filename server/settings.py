@@ -26,6 +26,7 @@ from engine import (
 
 ENV_PREFIX = "AUTOJUDGE_"
 SPEC_METRICS = ("none", "summary", "detailed")
+AUTO = "auto"  # num_speculative_tokens: the window planner
 PROFILE_KEYS: dict[str, type] = {
     "name": str,
     "judge_head": str,
@@ -68,7 +69,12 @@ class Settings:
     reuse_prefix: bool = _opt(True, "keep a finished request's K/V in its slot and reuse a shared prompt prefix")
     max_waiting: int = _opt(64, "requests waiting for a slot before 429")
     max_speculative_tokens: int = _opt(8, "largest window K a request may ask for")
-    num_speculative_tokens: int = _opt(4, "default window K")
+    num_speculative_tokens: str = _opt(
+        AUTO,
+        "default window: auto (the cost model picks each row's window every step, 0 included, up to the request's "
+        "num_speculative_tokens or max_speculative_tokens) or a fixed K drafted every cycle",
+    )
+    reprofile: bool = _opt(False, "auto windows: measure the step-cost profile again instead of reading its cache")
     bonus_token: bool = _opt(True, "emit the target's bonus token after a fully accepted window")
 
     def __post_init__(self) -> None:
@@ -82,6 +88,12 @@ class Settings:
             raise ValueError("api_key must not be empty")
         if self.spec_metrics not in SPEC_METRICS:
             raise ValueError(f"spec_metrics must be one of {', '.join(SPEC_METRICS)}")
+        width = str(self.num_speculative_tokens)
+        if width != AUTO and not (width.isdigit() and int(width) <= self.max_speculative_tokens):
+            raise ValueError(
+                f"num_speculative_tokens must be {AUTO!r} or an integer in 0..max_speculative_tokens "
+                f"({self.max_speculative_tokens}), got {width!r}"
+            )
 
     def model_source(self) -> ModelSource:
         return ModelSource(
@@ -94,19 +106,22 @@ class Settings:
             quantize=self.quantize,
             threads=self.threads,
             cache_dir=Path(self.cache_dir),
+            reprofile=self.reprofile,
             model_name=self.served_model_name,
             profiles=read_profiles_file(Path(self.profiles)) if self.profiles else None,
         )
 
     def engine_config(self) -> EngineConfig:
+        auto = str(self.num_speculative_tokens) == AUTO
         return EngineConfig(
             cache=CacheConfig(
                 max_slots=self.max_slots, max_model_len=self.max_model_len, reuse_prefix=self.reuse_prefix
             ),
             spec=SpecConfig(
                 max_speculative_tokens=self.max_speculative_tokens,
-                default_speculative_tokens=self.num_speculative_tokens,
+                default_speculative_tokens=self.max_speculative_tokens if auto else int(self.num_speculative_tokens),
                 bonus_token=self.bonus_token,
+                auto_window=auto,
             ),
             scheduler=SchedulerConfig(max_waiting=self.max_waiting),
         )

@@ -22,6 +22,12 @@ def version_info(info: EngineInfo, checkout: Path = CHECKOUT) -> dict[str, Any]:
         "model": info.model_name,
         "draft": info.draft_name,
         "judge_heads": {p.name: p.head_sha256 for p in info.profiles if p.head_sha256},
+        "speculation": {
+            "window": "auto" if info.auto_window else "fixed",
+            "default_speculative_tokens": info.default_speculative_tokens,
+            "max_speculative_tokens": info.max_speculative_tokens,
+            "step_cost": info.step_cost,  # seconds per forward: target and draft, rows x tokens per row
+        },
     }
 
 

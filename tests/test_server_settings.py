@@ -14,8 +14,22 @@ def test_defaults_serve_lossless_on_loopback():
     s = load_settings([], {})
     assert (s.host, s.port, s.default_profile, s.api_key) == ("127.0.0.1", 8000, "lossless", None)
     config = s.engine_config()
-    assert config.cache.max_slots == 8 and config.spec.default_speculative_tokens == 4
+    assert config.cache.max_slots == 8 and config.spec.auto_window
+    assert config.spec.default_speculative_tokens == config.spec.max_speculative_tokens == 8  # auto: a cap
     assert s.model_source().pair == "smollm2" and s.model_source().heads == "shipped"
+
+
+def test_a_fixed_window_turns_the_planner_off_and_bad_windows_are_refused():
+    spec = load_settings(["--num-speculative-tokens", "4"], {}).engine_config().spec
+    assert not spec.auto_window and spec.default_speculative_tokens == 4
+    assert (
+        load_settings([], {"AUTOJUDGE_NUM_SPECULATIVE_TOKENS": "0"}).engine_config().spec.default_speculative_tokens
+        == 0
+    )
+    assert load_settings(["--reprofile"], {}).model_source().reprofile
+    for bad in ("9", "-1", "fast"):
+        with pytest.raises(ValueError, match=r"num_speculative_tokens must be 'auto' or an integer in 0\.\.max_spec"):
+            load_settings(["--num-speculative-tokens", bad], {})
 
 
 def test_precedence_file_env_flags(tmp_path):
