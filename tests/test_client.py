@@ -29,6 +29,7 @@ from engine import (
 )
 from engine.build import engine_info
 from engine.client import ProfileInfo
+from engine.spec.cost import StepCost
 from engine.spec.judging import LOSSLESS, HeadJudge, MismatchJudge
 
 MAX_MODEL_LEN = 160
@@ -78,13 +79,16 @@ def tiny_engine(
     on_step: Callable[[StepStats], None] | None = None,
     detokenize: Callable[[list[int]], str] | None = None,
     name: str = "tiny",
+    step_cost: StepCost | None = None,
 ) -> tuple[Engine, AsyncEngine]:
+    """`step_cost` turns on `auto` windows (capped at 8) with that cost model."""
+    auto = step_cost is not None
     config = EngineConfig(
         cache=CacheConfig(max_slots=slots, max_model_len=MAX_MODEL_LEN),
-        spec=SpecConfig(max_speculative_tokens=8, default_speculative_tokens=4),
+        spec=SpecConfig(max_speculative_tokens=8, default_speculative_tokens=8 if auto else 4, auto_window=auto),
         scheduler=SchedulerConfig(max_waiting=max_waiting),
     )
-    engine = Engine(config, target, draft, judge=judge, on_step=on_step, detokenize=detokenize)
+    engine = Engine(config, target, draft, judge=judge, on_step=on_step, detokenize=detokenize, step_cost=step_cost)
     profiles = (ProfileInfo(LOSSLESS, 0.0),)
     if isinstance(judge, HeadJudge):
         profiles += tuple(

@@ -662,3 +662,29 @@ def test_metric_labels_stay_bounded(target, draft):
     assert 'handler="other"' in text
     assert sample(text, "autojudge_judge_head_info", task_profile="math", head_sha256="ab" * 32) == 1
     assert not math.isnan(sample(text, "autojudge_kv_cache_usage_perc", model_name=MODEL))
+
+
+def test_auto_windows_are_reported_per_response_in_metrics_and_version(target, draft):
+    from test_autowindow_engine import DRAFTS_PAY
+
+    async def scenario():
+        async with served(target, draft, step_cost=DRAFTS_PAY) as (http, _):
+            body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+            response = (await http.post("/v1/completions", json=body)).json()
+            capped = (await http.post("/v1/completions", json=body | {"num_speculative_tokens": 2})).json()
+            return response, capped, (await http.get("/metrics")).text, (await http.get("/version")).json()
+
+    response, capped, text, version = run(scenario)
+    assert response["choices"][0]["text"] == reference_text(target, draft, TOKENIZER.encode(PROMPT), 40)
+    sd = response["metrics"]["speculative_decoding"]
+    assert sd["window"] == "auto" and len(sd["window_histogram"]) == 9
+    assert sum(sd["window_histogram"][1:]) == sd["num_spec_steps"] > 0 and sd["window_histogram"][0] >= 1
+    assert len(capped["metrics"]["speculative_decoding"]["window_histogram"]) == 3  # the cap of that request
+    labels = {"model_name": MODEL, "task_profile": "lossless"}
+    steps = sum(sd["window_histogram"]) + sum(capped["metrics"]["speculative_decoding"]["window_histogram"])
+    assert sample(text, "autojudge_spec_decode_window_count", **labels) == steps
+    assert sample(text, "autojudge_engine_steps_without_draft_total", model_name=MODEL) >= 2  # the admitting steps
+    assert sample(text, "autojudge_step_cost_predicted_seconds_total", model_name=MODEL) > 0
+    assert sample(text, "autojudge_step_cost_error_ratio_count", model_name=MODEL) == steps
+    spec = version["speculation"]
+    assert spec["window"] == "auto" and spec["step_cost"] == DRAFTS_PAY.to_dict()
