@@ -159,7 +159,8 @@ class PlannerConfig:
     key_decay: float = 0.98  # ... of the (profile, τ, greedy) history that seeds new rows
     row_weight: float = 4.0  # pseudo-positions of the profile history in a row's estimate
     amortize: float = 16.0  # cycles a draft catch-up forward is spread over when choosing
-    probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway
+    probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway (0: never)
+    probe_window: int = 4  # the window of that row (a new profile is probed at once)
     guard_steps: int = 8  # drafting steps in a row measured slower than plain decoding before backing off
     backoff_steps: int = 32  # steps without drafting after the guard trips (doubles while it keeps tripping)
 
@@ -170,8 +171,8 @@ class PlannerConfig:
             raise ValueError("row_decay and key_decay must be in (0, 1]")
         if self.row_weight <= 0 or self.amortize < 1:
             raise ValueError("row_weight must be > 0 and amortize >= 1")
-        if min(self.probe_every, self.guard_steps, self.backoff_steps) < 1:
-            raise ValueError("probe_every, guard_steps and backoff_steps must be >= 1")
+        if min(self.probe_window, self.guard_steps, self.backoff_steps) < 1 or self.probe_every < 0:
+            raise ValueError("probe_window, guard_steps and backoff_steps must be >= 1, probe_every >= 0")
 
 
 @dataclass(frozen=True, slots=True)

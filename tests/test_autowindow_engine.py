@@ -98,7 +98,7 @@ def test_a_rows_first_step_never_drafts(target, draft) -> None:
 
 
 def test_a_planner_that_never_drafts_runs_no_draft_forward(target, draft, reference) -> None:
-    engine = auto_engine(target, draft, NEVER_PAYS, planner=PlannerConfig(probe_every=10_000))
+    engine = auto_engine(target, draft, NEVER_PAYS, planner=PlannerConfig(probe_every=0))
     assert engine.draft is not None
     counting = Counting(engine.draft)
     tokens, finals = run_all(engine, requests(prompts(8, seed=3)[:4], width=8))

@@ -8,6 +8,7 @@ against a real Prometheus."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -104,8 +105,12 @@ def exported() -> tuple[dict[str, set[str]], dict[str, str]]:
         seconds_step=0.05,
         rows=(RowCycleStats("a", "lossless", exact, 3), RowCycleStats("b", "math", judged, 5)),
         finished=(),
+        windows=(4, 0),
+        window_profiles=("lossless", "math"),
+        predicted_seconds=0.035,
     )
     metrics.observe_step(step)
+    metrics.observe_step(dataclasses.replace(step, windows=(0, 0)))  # a step in which no row drafted
     for profile in PROFILES:
         tracker = metrics.track(profile, 5)
         tracker.on_tokens()

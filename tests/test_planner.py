@@ -123,7 +123,7 @@ def test_profile_history_seeds_new_rows_and_finished_rows_are_forgotten() -> Non
 
 
 def test_the_guard_backs_off_after_slow_drafting_steps_and_doubles() -> None:
-    config = PlannerConfig(guard_steps=3, backoff_steps=4)
+    config = PlannerConfig(guard_steps=3, backoff_steps=4, probe_every=0)
     aw = AutoWindow(config, cost(0.1, 0.0, 0.005, 0.0), bonus=True)
     inputs = rows_of(1)
     for _ in range(3):
@@ -139,8 +139,8 @@ def test_the_guard_backs_off_after_slow_drafting_steps_and_doubles() -> None:
     assert aw.guard.backoff_len == 8
 
 
-def test_a_profile_unmeasured_for_probe_every_steps_gets_one_probing_row() -> None:
-    config = PlannerConfig(probe_every=5)
+def test_a_new_or_unmeasured_profile_gets_one_probing_row() -> None:
+    config = PlannerConfig(probe_every=5, probe_window=3)
     aw = AutoWindow(config, cost(0.0, 0.01, 0.004, 0.004), bonus=True)  # the planner never drafts here
     inputs = rows_of(3)
     windows = []
@@ -148,7 +148,7 @@ def test_a_profile_unmeasured_for_probe_every_steps_gets_one_probing_row() -> No
         plan = aw.plan(inputs)
         windows.append(plan.windows)
         aw.observe(inputs, plan, [0] * 3, plan.seconds, 3)
-    probes = [w for w in windows if any(w)]
-    assert probes and all(sorted(w) == [0, 0, 1] for w in probes)
-    assert aw.probes == len(probes) == 2
+    probed = [i for i, w in enumerate(windows) if any(w)]
+    assert probed == [0, 5, 10]  # a new profile at once, then every probe_every steps
+    assert all(sorted(windows[i]) == [0, 0, 3] for i in probed) and aw.probes == 3
     assert not math.isnan(plan.tokens_per_second)

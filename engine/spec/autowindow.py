@@ -81,14 +81,18 @@ class AutoWindow:
         return self._probe(inputs, rows, plan)
 
     def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
-        """A key no cycle has measured for `probe_every` steps gets one drafting row (window 1), so a profile
-        whose estimate said "do not draft" under load is measured again once the load has changed."""
+        """A key never measured, or not for `probe_every` steps, gets one drafting row (`probe_window`): a new
+        profile learns its acceptance at once, and one whose estimate said "do not draft" under load is measured
+        again once the load has changed."""
         windows = list(plan.windows)
+        if not self.config.probe_every:
+            return plan
         drafting = {r.key for r, w in zip(inputs, windows, strict=True) if w > 0}
         for b, r in enumerate(inputs):
-            stale = self.step - self.last_seen.setdefault(r.key, self.step) >= self.config.probe_every
+            seen = self.last_seen.get(r.key)
+            stale = seen is None or self.step - seen >= self.config.probe_every
             if stale and r.key not in drafting and r.cap > 0:
-                windows[b] = 1
+                windows[b] = min(r.cap, self.config.probe_window)
                 drafting.add(r.key)
                 self.last_seen[r.key] = self.step
                 self.probes += 1
