@@ -129,7 +129,13 @@ class Engine:
         if self.autowindow is not None:
             admitted = {id(s) for s in batch.prefill}  # their first token costs what target-only decoding costs
             planned = [
-                RowInput(s.request_id, planner_key(s), 0 if id(s) in admitted else w, catch_up_tokens(s))
+                RowInput(
+                    s.request_id,
+                    planner_key(s),
+                    0 if id(s) in admitted else w,
+                    catch_up_tokens(s),
+                    s.request.spec.fixed_window,
+                )
                 for s, w in zip(seqs, widths, strict=True)
             ]
             plan = self.autowindow.plan(planned)

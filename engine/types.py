@@ -43,6 +43,7 @@ class SpecParams:
     num_speculative_tokens: int | None = None
     profile: str = "lossless"
     judge_threshold: float = 0.0  # τ: accept a mismatch when p_important < τ; 0 = lossless
+    fixed_window: bool = False  # with the `auto` planner on: draft exactly the window every cycle anyway
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens is not None and not 0 <= self.num_speculative_tokens <= 64:

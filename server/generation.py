@@ -110,7 +110,7 @@ def prepare(ctx: Context, body: GenerationBody, request_id: str | None) -> tuple
         stop=body.stop_strings(),
     )
     resolved = ctx.profiles.resolve(
-        body.task_profile, body.judge_threshold, body.num_speculative_tokens, body.speculative
+        body.task_profile, body.judge_threshold, body.num_speculative_tokens, body.speculative, body.speculative_window
     )
     rid = request_id or f"req-{uuid.uuid4().hex}"
     return Request(rid, tuple(ids), sampling, resolved.spec, arrival_time=ctx.clock()), resolved, len(ids)
@@ -306,7 +306,7 @@ def metrics_block(job: Job) -> dict[str, Any] | None:
     width = job.resolved.width
     return {
         "speculative_decoding": (
-            speculative_decoding(counts, width, job.cycles, windows(job.final), job.ctx.info.auto_window)
+            speculative_decoding(counts, width, job.cycles, windows(job.final), job.resolved.auto)
             if counts is not None
             else None
         ),

@@ -12,8 +12,9 @@ from server.errors import bad_request
 @dataclass(frozen=True, slots=True)
 class Resolved:
     spec: SpecParams
-    width: int  # effective window W (0 = plain decoding)
+    width: int  # effective window W (0 = plain decoding); with `auto`, the cap of the planner's choice
     head_sha256: str | None
+    auto: bool  # the planner picks each step's window
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class ProfileTable:
     server_width: int  # window W of profiles that set none
     max_width: int
     can_speculate: bool  # a draft is loaded
+    auto_window: bool  # the server runs the window planner (requests may still ask for "fixed")
 
     @classmethod
     def from_info(cls, info: EngineInfo, default: str = LOSSLESS) -> ProfileTable:
@@ -42,6 +44,7 @@ class ProfileTable:
             info.default_speculative_tokens,
             info.max_speculative_tokens,
             info.draft_name is not None,
+            info.auto_window,
         )
 
     def resolve(
@@ -50,6 +53,7 @@ class ProfileTable:
         judge_threshold: float | None,
         num_speculative_tokens: int | None,
         speculative: bool | None,
+        speculative_window: str | None = None,
     ) -> Resolved:
         name = self.default if task_profile is None else task_profile
         profile = self.profiles.get(name)
@@ -61,10 +65,16 @@ class ProfileTable:
             raise bad_request(
                 f"num_speculative_tokens must be in [0, {self.max_width}], got {width}", "num_speculative_tokens"
             )
+        if speculative_window == "auto" and not self.auto_window:
+            raise bad_request(
+                "speculative_window 'auto' needs a server started with --num-speculative-tokens auto",
+                "speculative_window",
+            )
         enabled = (speculative is not False) and self.can_speculate and width > 0
         tau = profile.judge_threshold if judge_threshold is None else judge_threshold
-        spec = SpecParams(enabled=enabled, num_speculative_tokens=width, profile=name, judge_threshold=tau)
-        return Resolved(spec, width if enabled else 0, profile.head_sha256)
+        fixed = speculative_window == "fixed" or not self.auto_window
+        spec = SpecParams(enabled, width, name, tau, fixed_window=fixed and self.auto_window)
+        return Resolved(spec, width if enabled else 0, profile.head_sha256, enabled and not fixed)
 
     def default_width(self, profile: ProfileInfo) -> int:
         """The profile's own window, else the server's; 0 without a draft."""

@@ -59,6 +59,7 @@ class GenerationBody(BaseModel):
     task_profile: str | None = None
     judge_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     num_speculative_tokens: Annotated[int, Field(ge=0)] | None = None
+    speculative_window: Literal["auto", "fixed"] | None = None
     speculative: bool | None = None
     spec_metrics: Literal["none", "summary", "detailed"] | None = None
     response_format: dict[str, Any] | None = None

@@ -152,3 +152,13 @@ def test_a_new_or_unmeasured_profile_gets_one_probing_row() -> None:
     assert probed == [0, 5, 10]  # a new profile at once, then every probe_every steps
     assert all(sorted(windows[i]) == [0, 0, 3] for i in probed) and aw.probes == 3
     assert not math.isnan(plan.tokens_per_second)
+
+
+def test_fixed_rows_keep_their_window_and_are_costed() -> None:
+    c = cost(0.05, 0.001, 0.01, 0.0005)
+    rows = [Row(0.2, 6, 0, fixed=True), Row(0.9, 8, 0), Row(0.1, 3, 0)]
+    plan = plan_windows(rows, c, bonus=True, amortize=16)
+    assert plan.windows[0] == 6 and plan.windows[1] >= plan.windows[2]  # kept; the better row drafts deeper
+    assert plan.seconds == pytest.approx(step_seconds(c, list(plan.windows), rows))
+    only_fixed = plan_windows([Row(0.0, 4, 0, fixed=True)], cost(0.0, 0.01, 0.004, 0.004), True, 16)
+    assert only_fixed.windows == (4,)  # even where drafting never pays

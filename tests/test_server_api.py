@@ -688,3 +688,22 @@ def test_auto_windows_are_reported_per_response_in_metrics_and_version(target, d
     assert sample(text, "autojudge_step_cost_error_ratio_count", model_name=MODEL) == steps
     spec = version["speculation"]
     assert spec["window"] == "auto" and spec["step_cost"] == DRAFTS_PAY.to_dict()
+
+
+def test_a_request_may_ask_for_a_fixed_window_on_an_auto_server_and_not_auto_on_a_fixed_one(target, draft):
+    from test_autowindow_engine import NEVER_PAYS
+
+    body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "num_speculative_tokens": 3}
+
+    async def scenario(step_cost, window):
+        async with served(target, draft, step_cost=step_cost) as (http, _):
+            return await http.post("/v1/completions", json=body | {"speculative_window": window})
+
+    fixed = run(lambda: scenario(NEVER_PAYS, "fixed")).json()  # the planner alone would never draft here
+    sd = fixed["metrics"]["speculative_decoding"]
+    assert sd["window"] == "fixed" and sd["window_histogram"][1:3] == [0, 0] and sd["window_histogram"][3] > 0
+    assert fixed["choices"][0]["text"] == reference_text(target, draft, TOKENIZER.encode(PROMPT), 30)
+    refused = run(lambda: scenario(None, "auto"))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "speculative_window"
+    bad = run(lambda: scenario(None, "sometimes"))
+    assert bad.status_code == 400

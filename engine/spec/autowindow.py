@@ -41,6 +41,7 @@ class RowInput:
     key: Key
     cap: int  # request cap and tokens left; 0 on the step that admits it (its first token costs target-only)
     catch_up: int  # tokens a separate draft forward would read first (engine/spec/drafter.py)
+    fixed: bool = False  # drafts exactly `cap`; the planner only costs it
 
 
 @dataclass(slots=True)
@@ -73,10 +74,11 @@ class AutoWindow:
         self.step += 1
         live = {r.request_id for r in inputs}
         self.rows = {k: v for k, v in self.rows.items() if k in live}  # finished and aborted rows leave
-        rows = [Row(self.row_alpha(r), r.cap, r.catch_up) for r in inputs]
+        rows = [Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed) for r in inputs]
         if self.guard.backoff_left > 0:
             self.guard.backoff_left -= 1
-            return plan_windows([replace(r, cap=0) for r in rows], self.cost, self.bonus, self.config.amortize)
+            held = [r if r.fixed else replace(r, cap=0) for r in rows]
+            return plan_windows(held, self.cost, self.bonus, self.config.amortize)
         plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize)
         return self._probe(inputs, rows, plan)
 

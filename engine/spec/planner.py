@@ -33,6 +33,7 @@ class Row:
     alpha: float  # per-position acceptance estimate
     cap: int  # largest window allowed (request cap, tokens left)
     catch_up: int  # tokens a separate draft forward must read before this row drafts (0: none, see Drafter)
+    fixed: bool = False  # the request asked for exactly `cap` (speculative_window "fixed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,28 +61,38 @@ def step_seconds(cost: StepCost, windows: list[int], rows: list[Row]) -> float:
 
 
 def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float) -> Plan:
-    """The best plan of the depth-by-depth search. A lagging row's catch-up forward counts `1 / amortize` of its
-    cost when choosing (it is paid once, then serves every later cycle), in full in the predicted time."""
+    """The best plan of the depth-by-depth search; `fixed` rows keep their cap and are costed, not chosen. A
+    lagging row's catch-up forward counts `1 / amortize` of its cost when choosing (it is paid once, then serves
+    every later cycle), in full in the predicted time."""
     n = len(rows)
-    windows = [0] * n
-    gained = float(n)  # W = 0 everywhere: one token per row
-    draft_seconds = 0.0  # depth forwards chosen so far
-    lag_chosen: list[int] = []  # catch-up lengths of rows that draft
-    best = (gained / cost.target(n, 1), tuple(windows))
-    for k in range(1, max((r.cap for r in rows), default=0) + 1):
-        candidates = [b for b in range(n) if windows[b] == k - 1 and rows[b].cap >= k]
+    windows = [r.cap if r.fixed else 0 for r in rows]
+    deepest = max((r.cap for r in rows), default=0)
+    fixed_depth = max((r.cap for r in rows if r.fixed), default=0)
+    fixed_at = [sum(r.fixed and r.cap >= k for r in rows) for k in range(deepest + 2)]  # fixed rows at depth k
+    tail = [0.0] * (deepest + 2)  # tail[k]: the fixed rows' draft forwards deeper than k
+    for k in range(deepest - 1, -1, -1):
+        tail[k] = tail[k + 1] + cost.draft(fixed_at[k + 1], 1)
+    lags = [r.catch_up for r, w in zip(rows, windows, strict=True) if w > 0 and r.catch_up > 0]
+
+    def catch_up(lengths: list[int]) -> float:
+        return cost.draft(len(lengths), max(lengths)) / amortize if lengths else 0.0
+
+    gained = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, windows, strict=True))
+    decided = 0.0  # draft forwards of the depths settled so far
+    best = (gained / (cost.target(n, 1 + fixed_depth) + tail[0] + catch_up(lags)), tuple(windows))
+    for k in range(1, deepest + 1):
+        candidates = [b for b in range(n) if not rows[b].fixed and windows[b] == k - 1 and rows[b].cap >= k]
         candidates.sort(key=lambda b: -rows[b].alpha)
         if not candidates:
             break
-        verify = cost.target(n, 1 + k)
+        verify = cost.target(n, 1 + max(k, fixed_depth))
         top: tuple[float, int, float] | None = None  # (tokens per second, rows, tokens gained)
-        extra, lags = 0.0, list(lag_chosen)
+        extra, trial = 0.0, list(lags)
         for j, b in enumerate(candidates, start=1):
             extra += expected_tokens(rows[b].alpha, k, bonus) - expected_tokens(rows[b].alpha, k - 1, bonus)
             if k == 1 and rows[b].catch_up > 0:
-                lags.append(rows[b].catch_up)
-            catch_up = cost.draft(len(lags), max(lags)) / amortize if lags else 0.0
-            seconds = verify + draft_seconds + cost.draft(j, 1) + catch_up
+                trial.append(rows[b].catch_up)
+            seconds = verify + decided + cost.draft(fixed_at[k] + j, 1) + tail[k] + catch_up(trial)
             rate = (gained + extra) / seconds
             if top is None or rate > top[0]:
                 top = (rate, j, extra)
@@ -90,9 +101,9 @@ def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float) 
         for b in candidates[:j]:
             windows[b] = k
             if k == 1 and rows[b].catch_up > 0:
-                lag_chosen.append(rows[b].catch_up)
+                lags.append(rows[b].catch_up)
         gained += extra
-        draft_seconds += cost.draft(j, 1)
+        decided += cost.draft(fixed_at[k] + j, 1)
         if rate > best[0]:
             best = (rate, tuple(windows))
     chosen = list(best[1])
