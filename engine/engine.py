@@ -142,6 +142,7 @@ class Engine:
             widths = list(plan.windows)
         for s, w in zip(seqs, widths, strict=True):
             s.window_counts[w] += 1
+        t_plan = self.clock()
         want_hidden = self.judge.uses_draft_hidden
         if self.drafter is not None and any(widths):
             proposal = self.drafter.propose(seqs, widths, want_hidden)
@@ -160,7 +161,8 @@ class Engine:
         emitted = sum(len(o.new_token_ids) for o in outputs)
         if plan is not None:
             assert self.autowindow is not None
-            self.autowindow.observe(planned, plan, accepted, t5 - t1, emitted)
+            self.autowindow.observe(planned, plan, accepted, t5 - t_plan, emitted)
+        t6 = self.clock()
         if self.on_step is not None:
             self.on_step(
                 StepStats(
@@ -170,10 +172,11 @@ class Engine:
                     num_generated_tokens=emitted,
                     kv_usage=self._kv_usage(),
                     seconds_prefill=t1 - t0,
-                    seconds_draft=t2 - t1,
+                    seconds_plan=t_plan - t1 + t6 - t5,
+                    seconds_draft=t2 - t_plan,
                     seconds_verify=t3 - t2 + t5 - t4,
                     seconds_judge=t4 - t3,
-                    seconds_step=t5 - t0,
+                    seconds_step=t6 - t0,
                     rows=tuple(rows),
                     finished=tuple(o for o in outputs if o.finished),
                     windows=tuple(widths),

@@ -145,6 +145,7 @@ class StepStats:
     num_generated_tokens: int
     kv_usage: float  # Σ committed lengths / (slots · positions per slot)
     seconds_prefill: float
+    seconds_plan: float  # the `auto` window planner: choosing, then learning from the step
     seconds_draft: float
     seconds_verify: float
     seconds_judge: float

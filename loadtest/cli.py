@@ -85,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     work.add_argument("--task-profile", help="extension field, sent only when given")
     work.add_argument("--judge-threshold", type=float, help="extension field, sent only when given")
     work.add_argument("--num-speculative-tokens", type=int, help="extension field, sent only when given")
+    work.add_argument("--speculative-window", help="extension field (auto | fixed), sent only when given")
 
     slo = p.add_argument_group("goodput: requests/s meeting every SLO given (milliseconds)")
     slo.add_argument("--slo-ttft-ms", type=float, help="time to first token at most this")

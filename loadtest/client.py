@@ -35,6 +35,7 @@ class Target:
             "task_profile": cfg.task_profile,
             "judge_threshold": cfg.judge_threshold,
             "num_speculative_tokens": cfg.num_speculative_tokens,
+            "speculative_window": cfg.speculative_window,
         }
         body |= {k: v for k, v in extensions.items() if v is not None}
         path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"

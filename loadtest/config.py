@@ -52,6 +52,7 @@ class LoadConfig:
     task_profile: str | None = None
     judge_threshold: float | None = None
     num_speculative_tokens: int | None = None
+    speculative_window: str | None = None  # auto | fixed
     # Goodput SLOs in milliseconds (vLLM bench's `--goodput ttft:... tpot:... e2el:...`); None: not part of it.
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
@@ -97,6 +98,8 @@ class LoadConfig:
             out.append("--temperature must be >= 0")
         if self.judge_threshold is not None and not 0 <= self.judge_threshold <= 1:
             out.append("--judge-threshold must be in [0, 1]")
+        if self.speculative_window not in (None, "auto", "fixed"):
+            out.append("--speculative-window must be auto or fixed")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             out.append("--num-speculative-tokens must be >= 0")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_ms"):

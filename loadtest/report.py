@@ -107,7 +107,9 @@ def workload(report: Json) -> str:
     c = report["config"]
     source = f"file {c['prompts_file']}" if c["prompts_file"] else c["prompts"]
     extensions = [
-        f"{k} {c[k]}" for k in ("task_profile", "judge_threshold", "num_speculative_tokens") if c[k] is not None
+        f"{k} {c[k]}"
+        for k in ("task_profile", "judge_threshold", "num_speculative_tokens", "speculative_window")
+        if c.get(k) is not None
     ]
     return ", ".join([
         c["endpoint"], "streaming" if c["stream"] else "not streaming", f"max_tokens {c['max_tokens']}",

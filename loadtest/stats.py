@@ -129,6 +129,7 @@ def acceptance(results: Sequence[RequestResult]) -> Json | None:
     cycle_tokens = judged_output = 0.0
     lossy: list[float] = []
     profiles: Counter[str] = Counter()
+    windows: Counter[int] = Counter()  # engine steps at each window W, from this server's window_histogram
     for r in measured:
         assert r.metrics is not None
         spec, judge = r.metrics.get("speculative_decoding"), r.metrics.get("judge")
@@ -137,6 +138,9 @@ def acceptance(results: Sequence[RequestResult]) -> Json | None:
             speculating += 1
             sums.update({k: count(spec, k) for k in SPEC_COUNTS})
             steps = count(spec, "num_spec_steps")
+            histogram = spec.get("window_histogram")
+            if isinstance(histogram, list):
+                windows.update({w: n for w, n in enumerate(histogram) if isinstance(n, int)})
         if isinstance(judge, dict):
             judged += 1
             sums.update({k: count(judge, k) for k in JUDGE_COUNTS})
@@ -157,6 +161,8 @@ def acceptance(results: Sequence[RequestResult]) -> Json | None:
         "lossy_fraction": sums["num_judge_accepted_tokens"] / judged_output if judged_output else None,
         "mean_request_lossy_fraction": sum(lossy) / len(lossy) if lossy else None,
         "task_profiles": dict(sorted(profiles.items())),
+        "mean_window": sum(w * n for w, n in windows.items()) / total if (total := sum(windows.values())) else None,
+        "no_draft_step_fraction": windows[0] / total if total else None,
     }
 
 

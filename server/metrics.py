@@ -54,7 +54,7 @@ E2E_BUCKETS: tuple[float, ...] = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 
 E2E_BUCKETS += (120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 CYCLE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 33)
 JUDGE_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05)
-PHASES = ("prefill", "draft", "verify", "judge")  # the `StepStats.seconds_*` fields, summing to a step
+PHASES = ("prefill", "plan", "draft", "verify", "judge")  # the `StepStats.seconds_*` fields, summing to a step
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -195,7 +195,7 @@ class ServerMetrics:
         )
         self.phase_seconds = Counter(
             "autojudge_engine_phase_seconds",
-            "Engine time by phase: prefill, draft, verify (target forward and acceptance), judge",
+            "Engine time by phase: prefill, plan (auto windows), draft, verify (target forward and acceptance), judge",
             [*m, "phase"],
             registry=r,
         )
@@ -248,7 +248,7 @@ class ServerMetrics:
         if not any(stats.windows):
             self.steps_without_draft.labels(name).inc()
         if stats.predicted_seconds:
-            measured = stats.seconds_step - stats.seconds_prefill
+            measured = stats.seconds_step - stats.seconds_prefill - stats.seconds_plan
             self.cost_predicted.labels(name).inc(stats.predicted_seconds)
             self.cost_measured.labels(name).inc(measured)
             self.cost_error.labels(name).observe(measured / stats.predicted_seconds)

@@ -99,6 +99,7 @@ def exported() -> tuple[dict[str, set[str]], dict[str, str]]:
         num_generated_tokens=8,
         kv_usage=0.1,
         seconds_prefill=0.01,
+        seconds_plan=0.0001,
         seconds_draft=0.01,
         seconds_verify=0.02,
         seconds_judge=0.001,
