@@ -1,10 +1,11 @@
-"""Load report: starts `autojudge-serve` on the embedded pair (127.0.0.1, a free port) and drives it with the
-project's load generator (`loadtest`), closed loop, streaming chat, greedy, GSM8K test questions in the judge's
-prompt format, at each `--concurrency` level and in three modes:
+"""Load report: starts `autojudge-serve` on the embedded pair (127.0.0.1, a free port; `auto` windows) and drives
+it with the project's load generator (`loadtest`), closed loop, streaming chat, greedy, GSM8K test questions in the
+judge's prompt format, at each `--concurrency` level and in these modes:
 
 - `no-spec`: `num_speculative_tokens: 0`, plain target decoding on the same engine (the speed reference);
-- `lossless`: the `lossless` profile (τ = 0: the target's own greedy output);
-- `judge`: the `math` profile at its head's default threshold (lossy).
+- `lossless K=k` / `judge K=k`: the `lossless` profile (τ = 0) or the `math` profile at its head's default
+  threshold, drafting exactly k tokens every cycle (`speculative_window: fixed`), for each k of `--windows`;
+- `lossless auto` / `judge auto`: the same profiles with the planner choosing each row's window every step.
 
 Cells run for `--duration` seconds each, in `--repeats` rounds; the mode order rotates between rounds so that drift
 on a shared machine does not favour one mode. Writes `<out>.json` (every cell's loadtest report, per-request rows
@@ -39,17 +40,27 @@ from server_bench import Server
 from training.data import DEFAULT_GSM8K_DIR, load_problems
 
 Json = dict[str, Any]
-MODES: dict[str, Json] = {
-    "no-spec": {"task_profile": "lossless", "num_speculative_tokens": 0},
-    "lossless": {"task_profile": "lossless"},
-    "judge": {"task_profile": "math"},
-}
-SERVER_ARGS = ["--max-slots", "16", "--threads", "2", "--log-level", "warning"]
+PROFILES = {"lossless": "lossless", "judge": "math"}  # mode prefix -> task profile
+SERVER_ARGS = ["--max-slots", "16", "--threads", "2", "--log-level", "warning", "--num-speculative-tokens", "auto"]
+
+
+def modes(windows: list[int]) -> dict[str, Json]:
+    out: dict[str, Json] = {"no-spec": {"task_profile": "lossless", "num_speculative_tokens": 0}}
+    for prefix, profile in PROFILES.items():
+        for k in windows:
+            out[f"{prefix} K={k}"] = {
+                "task_profile": profile,
+                "num_speculative_tokens": k,
+                "speculative_window": "fixed",
+            }
+        out[f"{prefix} auto"] = {"task_profile": profile}
+    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop users per level (comma list)")
+    p.add_argument("--windows", default="2,4,8", help="fixed windows measured beside auto (comma list)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds per cell")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all cells")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -86,7 +97,8 @@ async def one_cell(url: str, cfg: LoadConfig, prompts: list[Json]) -> Json:
 
 async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
     levels = [int(c) for c in args.concurrency.split(",")]
-    names = list(MODES)
+    table = modes([int(k) for k in args.windows.split(",")])
+    names = list(table)
     cells: list[Json] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
         await server.wait_ready(http, 600.0)
@@ -100,7 +112,7 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
         order = names[r % len(names) :] + names[: r % len(names)]
         for c in levels:
             for mode in order:
-                cfg = dataclasses.replace(base, concurrency=c, seed=1000 * r + c, **MODES[mode])
+                cfg = dataclasses.replace(base, concurrency=c, seed=1000 * r + c, **table[mode])
                 started = time.perf_counter()
                 doc = await one_cell(server.url, cfg, prompts)
                 cells.append({"round": r, "concurrency": c, "mode": mode, "report": doc})
@@ -108,7 +120,33 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
                 req, took = doc["requests"], time.perf_counter() - started
                 print(f"round {r} c={c:<3} {mode:9} {tp:7.2f} out tok/s, {req['ok']} ok, {req['failed']} failed "
                       f"({took:.0f} s)", flush=True)  # fmt: skip
-    return {"version": version, "profiles": profiles}, cells
+    async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
+        metrics = (await http.get("/metrics")).text  # the planner's own counters, summed over the whole run
+    return {"version": version, "profiles": profiles, "planner": planner_totals(metrics)}, cells
+
+
+def planner_totals(text: str) -> Json:
+    """Engine time by phase, and the cost model's predicted and measured seconds, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    phases: dict[str, float] = {}
+    out: Json = {"phases": phases}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "autojudge_engine_phase_seconds_total":
+                phases[s.labels["phase"]] = phases.get(s.labels["phase"], 0.0) + s.value
+            elif s.name in (
+                "autojudge_step_cost_predicted_seconds_total",
+                "autojudge_step_cost_measured_seconds_total",
+            ):
+                out[s.name.removeprefix("autojudge_step_cost_").removesuffix("_seconds_total")] = s.value
+            elif s.name == "autojudge_step_cost_error_ratio_bucket":
+                out.setdefault("error_buckets", {})[s.labels["le"]] = s.value
+            elif s.name == "autojudge_engine_steps_without_draft_total":
+                out["steps_without_draft"] = s.value
+            elif s.name == "autojudge_engine_step_seconds_count":
+                out["steps"] = s.value
+    return out
 
 
 def spread(xs: list[float]) -> str:
@@ -126,13 +164,23 @@ def ms(xs: list[float | None]) -> str:
 
 def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
     levels = sorted({c["concurrency"] for c in cells})
+    names = list(dict.fromkeys(c["mode"] for c in cells if c["round"] == 0))
+    names = ["no-spec", *sorted((n for n in names if n != "no-spec"), key=lambda n: (n.split()[0], n))]
     by = {(c["round"], c["concurrency"], c["mode"]): c["report"] for c in cells}
     rounds = sorted({c["round"] for c in cells})
     heads = {p["name"]: p for p in meta["server"]["profiles"]["data"]}
     judge = heads["math"]
     m = meta["machine"]
+    fixed = [int(k) for k in args.windows.split(",")]
+
+    def tput(r: int, c: int, mode: str) -> float:
+        return float(by[(r, c, mode)]["throughput"]["output_tokens_per_s"] or 0.0)
+
+    def ttft(r: int, c: int, mode: str) -> float:
+        return float(by[(r, c, mode)]["latency_s"]["ttft"]["p50"] or 0.0)
+
     lines = [
-        "# Load report: the embedded pair on this CPU",
+        "# Load report: auto speculation windows on the embedded pair, this CPU",
         "",
         "Made by `benchmarks/load_report.py` (which starts the server and runs `loadtest` in-process):",
         "",
@@ -145,10 +193,10 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         f"- **Machine:** {m['cpu']}, {m['cpus']} CPUs, no GPU; Python {m['python']}, torch {m['torch']}; "
         f"commit `{m['commit']}`. Load average (1 min) {meta['load_average'][0]:.2f} before the run and "
         f"{meta['load_average'][1]:.2f} after it.",
-        f"- **Server:** `autojudge-serve {' '.join(SERVER_ARGS)}` (float32, max_model_len 2048, 16 KV slots), "
-        f"target `{meta['server']['version']['model']}`, draft `{meta['server']['version']['draft']}`.",
+        f"- **Server:** `autojudge-serve {' '.join(SERVER_ARGS)}` (float32, max_model_len 2048, 16 KV slots, "
+        f"window cap 8), target `{meta['server']['version']['model']}`, draft `{meta['server']['version']['draft']}`.",
         f"- **Judge head** (`math` profile): sha256 `{judge['head_sha256']}`, layout {judge['layout']}, default "
-        f"τ = {judge['judge_threshold']:.3f}, window K = {judge['num_speculative_tokens']}.",
+        f"τ = {judge['judge_threshold']:.3f}.",
         "",
         "## Workload",
         "",
@@ -158,28 +206,37 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         f"- Streaming `/v1/chat/completions`, greedy (temperature 0), `max_tokens` {args.max_tokens}, EOS ends a "
         f"reply; the first {args.prompts} GSM8K test questions in the judge heads' prompt format "
         "(zero-shot chain-of-thought user turn), cycled in order.",
-        "- Modes: **no-spec** (`num_speculative_tokens: 0`: target-only decoding), **lossless** (`lossless` "
-        "profile, τ = 0), **judge** (`math` profile at its default τ).",
+        "- Modes: **no-spec** (`num_speculative_tokens: 0`: target-only decoding through the same engine path), "
+        f"**lossless / judge K=k** (`speculative_window: fixed`, k in {', '.join(map(str, fixed))}), "
+        "**lossless / judge auto** (the planner picks each row's window every step, 0 included, up to 8).",
         f"- Goodput SLOs: TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms.",
         "",
         "## Throughput",
         "",
-        "Mean ± standard deviation over the rounds. Speed-up: output tok/s over that of no-spec in the same round and "
-        "at the same concurrency.",
+        "Mean ± standard deviation over the rounds. x no-spec: output tok/s over that of no-spec in the same round and "
+        "at the same concurrency; x best fixed: an auto mode's output tok/s over the best fixed window of its profile "
+        "in the same round; TTFT x no-spec: TTFT p50 over no-spec's.",
         "",
-        "| users | mode | requests/s | output tok/s | speed-up vs no-spec | goodput req/s | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| users | mode | requests/s | output tok/s | x no-spec | x best fixed | TTFT p50 x no-spec | goodput req/s "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
-        for mode in MODES:
+        for mode in names:
             docs = [by[(r, c, mode)] for r in rounds]
-            tps = [d["throughput"]["output_tokens_per_s"] or 0.0 for d in docs]
-            ref = [by[(r, c, "no-spec")]["throughput"]["output_tokens_per_s"] or 0.0 for r in rounds]
-            ups = [a / b for a, b in zip(tps, ref, strict=True) if b > 0]
+            tps = [tput(r, c, mode) for r in rounds]
+            ups = [tput(r, c, mode) / tput(r, c, "no-spec") for r in rounds if tput(r, c, "no-spec") > 0]
+            best = ""
+            if mode.endswith(" auto"):
+                prefix = mode.split()[0]
+                ref = [max(tput(r, c, f"{prefix} K={k}") for k in fixed) for r in rounds]
+                best = spread([a / b for a, b in zip(tps, ref, strict=True) if b > 0])
+            first = [ttft(r, c, mode) / ttft(r, c, "no-spec") for r in rounds if ttft(r, c, "no-spec") > 0]
             errors = sum(d["requests"]["failed"] for d in docs)
             lines.append(
                 f"| {c} | {mode} | {spread([d['throughput']['requests_per_s'] or 0.0 for d in docs])} | "
-                f"{spread(tps)} | {'1' if mode == 'no-spec' else spread(ups)} | "
+                f"{spread(tps)} | {'1' if mode == 'no-spec' else spread(ups)} | {best} | "
+                f"{'1' if mode == 'no-spec' else spread(first)} | "
                 f"{spread([d['goodput']['requests_per_s'] or 0.0 for d in docs])} | {errors} |"
             )
     lines += [
@@ -187,15 +244,14 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         "## Latency (ms)",
         "",
         "Each percentile is computed per cell over its successful requests, then averaged over the rounds. ITL is "
-        "the gap between content chunks; one chunk can carry several tokens (compare with the acceptance length), "
-        "so ITL and TPOT differ under speculation.",
+        "the gap between content chunks; one chunk can carry several tokens, so ITL and TPOT differ under speculation.",
         "",
         "| users | mode | TTFT p50 | TTFT p90 | TTFT p99 | TPOT p50 | TPOT p90 | TPOT p99 | ITL p50 | ITL p99 "
         "| E2E p50 | E2E p90 | E2E p99 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
-        for mode in MODES:
+        for mode in names:
             lat = [by[(r, c, mode)]["latency_s"] for r in rounds]
             row = [ms([x[k][q] for x in lat]) for k, qs in
                    (("ttft", "p50 p90 p99"), ("tpot", "p50 p90 p99"), ("itl", "p50 p99"), ("e2e", "p50 p90 p99"))
@@ -203,25 +259,27 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
             lines.append(f"| {c} | {mode} | " + " | ".join(row) + " |")
     lines += [
         "",
-        "## Speculation and lossiness (from the server's per-request metrics, summed per cell)",
+        "## Speculation, windows and lossiness (from the server's per-request metrics, summed per cell)",
         "",
-        "| users | mode | draft acceptance rate | mean acceptance length | tokens per cycle | lossy fraction | "
-        "judge-accepted tokens | requests |",
+        "| users | mode | draft acceptance rate | tokens per cycle | mean window | steps without drafting | lossy "
+        "fraction | requests |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
-        for mode in ("lossless", "judge"):
+        for mode in names[1:]:
             acc = [by[(r, c, mode)]["acceptance"] for r in rounds]
             acc = [a for a in acc if a is not None]
 
             def col(key: str, accs: list[Json] = acc) -> list[float]:
-                return [a[key] for a in accs if a[key] is not None]
+                return [a[key] for a in accs if a.get(key) is not None]
 
             lines.append(
-                f"| {c} | {mode} | {spread(col('draft_acceptance_rate'))} | {spread(col('mean_acceptance_length'))} "
-                f"| {spread(col('mean_tokens_per_cycle'))} | {spread([100 * x for x in col('lossy_fraction')])}% | "
-                f"{sum(a['num_judge_accepted_tokens'] for a in acc)} | {sum(a['requests_with_metrics'] for a in acc)} |"
+                f"| {c} | {mode} | {spread(col('draft_acceptance_rate'))} | {spread(col('mean_tokens_per_cycle'))} | "
+                f"{spread(col('mean_window'))} | {spread([100 * x for x in col('no_draft_step_fraction')])}% | "
+                f"{spread([100 * x for x in col('lossy_fraction')])}% | "
+                f"{sum(a['requests_with_metrics'] for a in acc)} |"
             )
+    lines += ["", *planner_section(meta["server"]["planner"], meta["server"]["version"]["speculation"])]
     lines += [
         "",
         "Answer quality against τ (agreement with the target's own answers, accuracy) is measured offline by the "
@@ -230,6 +288,37 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         "Raw reports of every cell: [load-report.json](load-report.json).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def planner_section(totals: Json, speculation: Json) -> list[str]:
+    """The planner's overhead and the cost model's error over the whole run (every mode: fixed windows are
+    costed by the planner too), and the start-up profile it used."""
+    phases = totals["phases"]
+    step = sum(phases.values())
+    buckets = {float(k): v for k, v in totals.get("error_buckets", {}).items()}
+    count = buckets.get(float("inf"), 0.0)
+    within = (buckets.get(1.1, 0.0) - buckets.get(0.9, 0.0)) / count if count else float("nan")
+    ratio = totals.get("measured", 0.0) / totals["predicted"] if totals.get("predicted") else float("nan")
+    cost = speculation["step_cost"]
+    lines = [
+        "## The planner and its cost model (server counters over the whole run)",
+        "",
+        f"- Planner time: {100 * phases.get('plan', 0.0) / step:.2f}% of engine step time "
+        f"({phases.get('plan', 0.0):.1f} of {step:.0f} s).",
+        f"- Cost model: measured / predicted step time (draft + verify + commit) {ratio:.3f} over "
+        f"{count:.0f} steps; {100 * within:.0f}% of steps within ±10%.",
+        f"- Steps without drafting: {totals.get('steps_without_draft', 0):.0f} of {totals.get('steps', 0):.0f}.",
+        "",
+        f"Start-up profile (ms per forward, after {cost['context']} cached tokens per row):",
+        "",
+        "| model | rows | " + " | ".join(f"{q} tok/row" for q in cost["target"]["tokens"]) + " |",
+        "|---|---|" + "---|" * len(cost["target"]["tokens"]),
+    ]
+    for model in ("target", "draft"):
+        table = cost[model]
+        for b, row in zip(table["rows"], table["seconds"], strict=True):
+            lines.append(f"| {model} | {b} | " + " | ".join(f"{1000 * x:.1f}" for x in row) + " |")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info, cells = asyncio.run(measure(args, server, prompts))
     finally:
         server.stop()
-    meta = {
+    meta: Json = {
         "argv": argv,
         "machine": machine(),
         "load_average": [load_before, os.getloadavg()[0]],

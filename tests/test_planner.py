@@ -162,3 +162,10 @@ def test_fixed_rows_keep_their_window_and_are_costed() -> None:
     assert plan.seconds == pytest.approx(step_seconds(c, list(plan.windows), rows))
     only_fixed = plan_windows([Row(0.0, 4, 0, fixed=True)], cost(0.0, 0.01, 0.004, 0.004), True, 16)
     assert only_fixed.windows == (4,)  # even where drafting never pays
+
+
+def test_a_measured_table_is_made_monotone_from_above() -> None:
+    from engine.spec.profiler import monotone
+
+    # a disturbed small cell (3.6) falls to its larger neighbours; nothing rises
+    assert monotone([[0.25, 3.6, 0.36], [0.3, 0.35, 0.5]]) == ((0.25, 0.35, 0.36), (0.3, 0.35, 0.5))
