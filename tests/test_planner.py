@@ -169,3 +169,18 @@ def test_a_measured_table_is_made_monotone_from_above() -> None:
 
     # a disturbed small cell (3.6) falls to its larger neighbours; nothing rises
     assert monotone([[0.25, 3.6, 0.36], [0.3, 0.35, 0.5]]) == ((0.25, 0.35, 0.36), (0.3, 0.35, 0.5))
+
+
+def test_a_steps_fixed_overhead_makes_drafting_pay_and_is_learned_online() -> None:
+    c = cost(0.0, 0.01, 0.004, 0.004)  # drafting does not pay on the forwards alone
+    rows = [Row(0.9, 8, 0)]
+    assert plan_windows(rows, c, bonus=True, amortize=16).windows == (0,)
+    heavy = plan_windows(rows, c, bonus=True, amortize=16, overhead=0.2)
+    assert heavy.windows[0] > 0
+    assert heavy.seconds == pytest.approx(0.2 + step_seconds(c, list(heavy.windows), rows))
+    aw = AutoWindow(PlannerConfig(probe_every=0), c, bonus=True)
+    inputs = rows_of(1)
+    for _ in range(60):
+        plan = aw.plan(inputs)
+        aw.observe(inputs, plan, [0], seconds=plan.seconds - aw.overhead + 0.2, emitted=1)
+    assert aw.overhead == pytest.approx(0.2, rel=0.01)

@@ -62,6 +62,7 @@ class AutoWindow:
         self.probes = 0  # rows made to draft by the probe, in total
         self.backoffs = 0  # times the guard tripped
         self.plain_ratio: float | None = None  # EMA of measured / predicted seconds of steps without drafting
+        self.overhead = 0.0  # EMA of a step's seconds beyond its forwards' (the cost model's online part)
 
     def key_alpha(self, key: Key) -> float:
         return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
@@ -78,8 +79,8 @@ class AutoWindow:
         if self.guard.backoff_left > 0:
             self.guard.backoff_left -= 1
             held = [r if r.fixed else replace(r, cap=0) for r in rows]
-            return plan_windows(held, self.cost, self.bonus, self.config.amortize)
-        plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize)
+            return plan_windows(held, self.cost, self.bonus, self.config.amortize, self.overhead)
+        plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize, self.overhead)
         return self._probe(inputs, rows, plan)
 
     def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
@@ -101,7 +102,7 @@ class AutoWindow:
         if windows == list(plan.windows):
             return plan
         tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
-        return Plan(tuple(windows), tokens, step_seconds(self.cost, windows, rows))
+        return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows))
 
     def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
         """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
@@ -116,6 +117,8 @@ class AutoWindow:
             self.last_seen[r.key] = self.step
         if seconds <= 0 or plan.seconds <= 0:
             return
+        forwards = plan.seconds - self.overhead
+        self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - forwards))
         ratio = seconds / plan.seconds
         if not any(plan.windows):
             self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio

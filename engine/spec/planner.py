@@ -40,7 +40,7 @@ class Row:
 class Plan:
     windows: tuple[int, ...]
     expected_tokens: float
-    seconds: float  # predicted step time (draft catch-up included in full)
+    seconds: float  # predicted step time: forwards (draft catch-up in full) plus the step's fixed overhead
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,10 +60,11 @@ def step_seconds(cost: StepCost, windows: list[int], rows: list[Row]) -> float:
     return seconds
 
 
-def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float) -> Plan:
+def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float, overhead: float = 0.0) -> Plan:
     """The best plan of the depth-by-depth search; `fixed` rows keep their cap and are costed, not chosen. A
     lagging row's catch-up forward counts `1 / amortize` of its cost when choosing (it is paid once, then serves
-    every later cycle), in full in the predicted time."""
+    every later cycle), in full in the predicted time. `overhead` is what a step costs beyond its forwards
+    (sampling, bookkeeping): the same for every plan, it makes tokens per step worth more."""
     n = len(rows)
     windows = [r.cap if r.fixed else 0 for r in rows]
     deepest = max((r.cap for r in rows), default=0)
@@ -79,13 +80,14 @@ def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float) 
 
     gained = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, windows, strict=True))
     decided = 0.0  # draft forwards of the depths settled so far
-    best = (gained / (cost.target(n, 1 + fixed_depth) + tail[0] + catch_up(lags)), tuple(windows))
+    base = overhead + cost.target(n, 1 + fixed_depth) + tail[0] + catch_up(lags)
+    best = (gained / base, tuple(windows))
     for k in range(1, deepest + 1):
         candidates = [b for b in range(n) if not rows[b].fixed and windows[b] == k - 1 and rows[b].cap >= k]
         candidates.sort(key=lambda b: -rows[b].alpha)
         if not candidates:
             break
-        verify = cost.target(n, 1 + max(k, fixed_depth))
+        verify = overhead + cost.target(n, 1 + max(k, fixed_depth))
         top: tuple[float, int, float] | None = None  # (tokens per second, rows, tokens gained)
         extra, trial = 0.0, list(lags)
         for j, b in enumerate(candidates, start=1):
@@ -108,4 +110,4 @@ def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float) 
             best = (rate, tuple(windows))
     chosen = list(best[1])
     tokens = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, chosen, strict=True))
-    return Plan(best[1], tokens, step_seconds(cost, chosen, rows))
+    return Plan(best[1], tokens, overhead + step_seconds(cost, chosen, rows))

@@ -18,6 +18,7 @@ from engine.runner import ModelRunner
 from engine.spec.cost import ForwardCost, StepCost
 
 CONTEXT = 256  # cached tokens per row while timing: a typical prompt plus some output
+PROFILE_FORMAT = 2  # what a cell times (forward + logits since 2): a cached profile of another format is measured again
 
 
 def grid(max_slots: int, max_speculative: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -46,10 +47,13 @@ def time_forwards(
     rows: tuple[int, ...],
     tokens: tuple[int, ...],
     context: int,
+    all_logits: bool,
     repeats: int = 5,
     clock: Callable[[], float] = time.perf_counter,
 ) -> ForwardCost:
-    """Fastest of `repeats` forwards per grid cell (after one untimed forward) on a scratch cache, made monotone."""
+    """Fastest of `repeats` forwards per grid cell (after one untimed forward) on a scratch cache, made monotone.
+    Each forward includes its logits as the engine computes them: every fed position for the target's verify
+    (`all_logits`), the last one per row for a draft step."""
     runner = ModelRunner(model, model.new_cache(max(rows), context + max(tokens) + 1), device)
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -61,7 +65,8 @@ def time_forwards(
             times = []
             for rep in range(repeats + 1):
                 start = clock()
-                runner.forward(feeds, [context] * b, list(range(b)))
+                hidden = runner.forward(feeds, [context] * b, list(range(b)))  # [b, q, D]
+                runner.logits(hidden if all_logits else hidden[:, -1])
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if rep:
@@ -77,8 +82,8 @@ def profile_step_cost(
     rows, tokens = grid(max_slots, max_speculative)
     context = min(CONTEXT, target.config.max_position_embeddings - max(tokens) - 2)
     return StepCost(
-        time_forwards(target, device, rows, tokens, context),
-        time_forwards(draft, device, rows, tokens, context),
+        time_forwards(target, device, rows, tokens, context, all_logits=True),
+        time_forwards(draft, device, rows, tokens, context, all_logits=False),
         context,
     )
 
@@ -92,6 +97,7 @@ def device_name(device: torch.device) -> str:
 def profile_key(pair: dict[str, Any], device: torch.device, max_slots: int, max_speculative: int) -> dict[str, Any]:
     """What a cached profile must match to be reused."""
     return {
+        "format": PROFILE_FORMAT,
         "pair": pair,
         "device": str(device),
         "device_name": device_name(device),
