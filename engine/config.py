@@ -161,7 +161,8 @@ class PlannerConfig:
     amortize: float = 16.0  # cycles a draft catch-up forward is spread over when choosing
     probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway (0: never)
     probe_window: int = 4  # the window of that row (a new profile is probed at once)
-    guard_steps: int = 8  # drafting steps in a row measured slower than plain decoding before backing off
+    probe_budget: float = 0.02  # share of step time later probes may cost, on average
+    guard_steps: int = 32  # drafting steps the guard sums before it compares them with plain decoding
     backoff_steps: int = 32  # steps without drafting after the guard trips (doubles while it keeps tripping)
 
     def __post_init__(self) -> None:
@@ -169,6 +170,8 @@ class PlannerConfig:
             raise ValueError("prior_alpha must be in (0, 1)")
         if not (0.0 < self.row_decay <= 1.0 and 0.0 < self.key_decay <= 1.0):
             raise ValueError("row_decay and key_decay must be in (0, 1]")
+        if not 0.0 <= self.probe_budget < 1.0:
+            raise ValueError("probe_budget must be in [0, 1)")
         if self.row_weight <= 0 or self.amortize < 1:
             raise ValueError("row_weight must be > 0 and amortize >= 1")
         if min(self.probe_window, self.guard_steps, self.backoff_steps) < 1 or self.probe_every < 0:

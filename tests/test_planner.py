@@ -140,7 +140,7 @@ def test_the_guard_backs_off_after_slow_drafting_steps_and_doubles() -> None:
 
 
 def test_a_new_or_unmeasured_profile_gets_one_probing_row() -> None:
-    config = PlannerConfig(probe_every=5, probe_window=3)
+    config = PlannerConfig(probe_every=5, probe_window=3, probe_budget=0.99)
     aw = AutoWindow(config, cost(0.0, 0.01, 0.004, 0.004), bonus=True)  # the planner never drafts here
     inputs = rows_of(3)
     windows = []
@@ -184,3 +184,29 @@ def test_a_steps_fixed_overhead_makes_drafting_pay_and_is_learned_online() -> No
         plan = aw.plan(inputs)
         aw.observe(inputs, plan, [0], seconds=plan.seconds - aw.overhead + 0.2, emitted=1)
     assert aw.overhead == pytest.approx(0.2, rel=0.01)
+
+
+def test_probes_cost_at_most_their_budget_of_step_time() -> None:
+    c = cost(0.0, 0.01, 0.004, 0.004)  # the planner never drafts; every probe is pure cost
+    aw = AutoWindow(PlannerConfig(probe_every=1, probe_window=4, probe_budget=0.02), c, bonus=True)
+    inputs = rows_of(16)
+    spent = base = 0.0
+    for _ in range(400):
+        plan = aw.plan(inputs)
+        unprobed = c.target(16, 1)
+        spent += plan.seconds - unprobed
+        base += unprobed
+        aw.observe(inputs, plan, [0] * 16, plan.seconds, 16)
+    assert aw.probes >= 2  # the new profile at once, then as the budget allows
+    assert spent / base <= 0.02 + (plan.seconds / base)  # within the budget, but for the last probe's debt
+
+
+def test_one_unlucky_step_does_not_trip_the_guard() -> None:
+    aw = AutoWindow(PlannerConfig(guard_steps=4, probe_every=0), cost(0.1, 0.0, 0.005, 0.0), bonus=True)
+    inputs = rows_of(1)
+    for i in range(40):
+        plan = aw.plan(inputs)
+        assert plan.windows[0] > 0
+        slow = i % 4 == 0  # one rejected-at-once cycle in four; the rest emit a full window
+        aw.observe(inputs, plan, [0 if slow else plan.windows[0]], plan.seconds, 1 if slow else 9)
+    assert aw.backoffs == 0

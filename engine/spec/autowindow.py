@@ -46,7 +46,9 @@ class RowInput:
 
 @dataclass(slots=True)
 class _Guard:
-    slow_steps: int = 0
+    steps: int = 0  # drafting steps summed so far
+    seconds: float = 0.0  # their measured time
+    plain_seconds: float = 0.0  # the time plain decoding would have taken to emit their tokens
     backoff_left: int = 0
     backoff_len: int = 0
 
@@ -60,6 +62,7 @@ class AutoWindow:
         self.step = 0
         self.guard = _Guard(backoff_len=config.backoff_steps)
         self.probes = 0  # rows made to draft by the probe, in total
+        self.probe_debt = 0.0  # predicted seconds probes cost beyond the plans, less the budget earned since
         self.backoffs = 0  # times the guard tripped
         self.plain_ratio: float | None = None  # EMA of measured / predicted seconds of steps without drafting
         self.overhead = 0.0  # EMA of a step's seconds beyond its forwards' (the cost model's online part)
@@ -84,30 +87,38 @@ class AutoWindow:
         return self._probe(inputs, rows, plan)
 
     def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
-        """A key never measured, or not for `probe_every` steps, gets one drafting row (`probe_window`): a new
-        profile learns its acceptance at once, and one whose estimate said "do not draft" under load is measured
-        again once the load has changed."""
-        windows = list(plan.windows)
-        if not self.config.probe_every:
+        """A key never measured gets one drafting row (`probe_window`) at once, so a new profile learns its
+        acceptance; one not measured for `probe_every` steps gets one when the probe budget allows, so an
+        estimate that said "do not draft" under load is measured again once the load has changed. A probe's extra
+        predicted time is a debt that `probe_budget` of every step's time pays off: probes cost that share at most."""
+        c = self.config
+        self.probe_debt = max(0.0, self.probe_debt - c.probe_budget * plan.seconds)
+        if not c.probe_every:
             return plan
+        windows = list(plan.windows)
         drafting = {r.key for r, w in zip(inputs, windows, strict=True) if w > 0}
-        for b, r in enumerate(inputs):
+        order = sorted(range(len(inputs)), key=lambda b: inputs[b].catch_up)  # the cheapest row of a key first
+        for b in order:
+            r = inputs[b]
             seen = self.last_seen.get(r.key)
-            stale = seen is None or self.step - seen >= self.config.probe_every
-            if stale and r.key not in drafting and r.cap > 0:
-                windows[b] = min(r.cap, self.config.probe_window)
+            due = seen is None or (self.step - seen >= c.probe_every and self.probe_debt == 0.0)
+            if due and r.key not in drafting and r.cap > 0:
+                windows[b] = min(r.cap, c.probe_window)
                 drafting.add(r.key)
                 self.last_seen[r.key] = self.step
                 self.probes += 1
         if windows == list(plan.windows):
             return plan
         tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
-        return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows))
+        probed = Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows))
+        self.probe_debt += max(0.0, probed.seconds - plan.seconds)
+        return probed
 
     def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
         """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
-        part and the tokens it emitted. The guard compares a drafting step's measured speed with plain decoding's,
-        both scaled by measured / predicted time (plain steps' own ratio once there are any)."""
+        part and the tokens it emitted. The guard sums `guard_steps` drafting steps (one step's luck says nothing)
+        and backs off when they took longer than plain decoding would have for the same tokens, its time taken
+        from the cost model scaled by the measured / predicted ratio of plain steps (of these steps until then)."""
         c = self.config
         for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
             if w == 0:
@@ -123,13 +134,16 @@ class AutoWindow:
         if not any(plan.windows):
             self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
             return
-        plain_seconds = self.cost.target(len(inputs), 1) * (self.plain_ratio or ratio)
+        plain_step = self.cost.target(len(inputs), 1) * (self.plain_ratio or ratio)
         g = self.guard
-        if emitted / seconds < len(inputs) / plain_seconds:
-            g.slow_steps += 1
-            if g.slow_steps >= c.guard_steps:
-                g.backoff_left, g.slow_steps = g.backoff_len, 0
-                g.backoff_len = min(2 * g.backoff_len, 16 * c.backoff_steps)
-                self.backoffs += 1
+        g.steps, g.seconds = g.steps + 1, g.seconds + seconds
+        g.plain_seconds += emitted * plain_step / len(inputs)
+        if g.steps < c.guard_steps:
+            return
+        if g.seconds > g.plain_seconds:
+            g.backoff_left = g.backoff_len
+            g.backoff_len = min(2 * g.backoff_len, 16 * c.backoff_steps)
+            self.backoffs += 1
         else:
-            g.slow_steps, g.backoff_len = 0, c.backoff_steps
+            g.backoff_len = c.backoff_steps
+        g.steps, g.seconds, g.plain_seconds = 0, 0.0, 0.0
