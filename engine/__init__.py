@@ -21,7 +21,16 @@ from engine.engine import Engine
 from engine.model.assets import DEFAULT_CACHE_DIR
 from engine.model.pair import DTYPES, PAIRS
 from engine.spec.judging import LOSSLESS
-from engine.types import Request, RequestOutput, RowCycleStats, SamplingParams, SpecCounts, SpecParams, StepStats
+from engine.types import (
+    EngineLoad,
+    Request,
+    RequestOutput,
+    RowCycleStats,
+    SamplingParams,
+    SpecCounts,
+    SpecParams,
+    StepStats,
+)
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -35,6 +44,7 @@ __all__ = [
     "EngineConfig",
     "EngineDeadError",
     "EngineInfo",
+    "EngineLoad",
     "EngineShutdownError",
     "Health",
     "LoadedEngine",

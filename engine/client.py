@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from engine.engine import Engine
 from engine.scheduler import QueueFullError
-from engine.types import Request, RequestOutput
+from engine.types import EngineLoad, Request, RequestOutput
 
 __all__ = ["QueueFullError"]
 
@@ -129,6 +129,10 @@ class EngineClient(Protocol):
 
     def info(self) -> EngineInfo: ...
 
+    def load(self) -> EngineLoad:
+        """The engine's load now (any thread): what the running, waiting, batch and KV gauges show."""
+        ...
+
 
 class AsyncEngine:
     """`Engine.step` in one thread. The thread drains an inbox of adds and aborts at the top of each step, sleeps
@@ -205,6 +209,9 @@ class AsyncEngine:
 
     def info(self) -> EngineInfo:
         return self._info
+
+    def load(self) -> EngineLoad:
+        return self._engine.load
 
     def _post(self, item: Request | str) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from engine.spec.planner import Plan
 from engine.spec.profiler import profile_step_cost
 from engine.spec.verifier import TargetScores, Verifier
 from engine.stopping import Detokenize
-from engine.types import Request, RequestOutput, RowCycleStats, SpecCounts, StepStats
+from engine.types import EngineLoad, Request, RequestOutput, RowCycleStats, SpecCounts, StepStats
 from judge.decide import judge_accepts
 
 
@@ -66,6 +66,7 @@ class Engine:
         self.on_step = on_step
         self.clock = clock
         self.vocab_size = target.config.vocab_size
+        self.load = EngineLoad()  # what the gauges read, at every moment (not only after a step)
         self.autowindow: AutoWindow | None = None
         if config.spec.auto_window and draft is not None:
             if step_cost is None:
@@ -97,6 +98,7 @@ class Engine:
             width = 0
         self.judge.check_profile(request.spec.profile)
         self.scheduler.add(Sequence(request, width, self.device))
+        self._publish(self.load.batch_size)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request at once and free its slot; returns its final output, or None if unknown."""
@@ -104,6 +106,7 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
+        self._publish(self.load.batch_size if self.has_unfinished() else 0)
         return self._final(seq, [], None)
 
     def has_unfinished(self) -> bool:
@@ -159,6 +162,7 @@ class Engine:
         outputs, rows = self._commit(seqs, widths, proposal, scores, accepted, judged_in, exact_ok)
         t5 = self.clock()
         emitted = sum(len(o.new_token_ids) for o in outputs)
+        self._publish(len(seqs) if self.has_unfinished() else 0)
         if plan is not None:
             assert self.autowindow is not None
             self.autowindow.observe(planned, plan, accepted, t5 - t_plan, emitted)
@@ -327,6 +331,10 @@ class Engine:
             cycle=cycle,
             windows=tuple(seq.window_counts),
         )
+
+    def _publish(self, batch_size: int) -> None:
+        s = self.scheduler
+        self.load = EngineLoad(len(s.running), len(s.waiting), batch_size, self._kv_usage())
 
     def _kv_usage(self) -> float:
         used = sum(len(s.token_ids) for s in self.scheduler.running)

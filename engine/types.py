@@ -136,6 +136,17 @@ class RowCycleStats:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """The engine's load as of its last change (an add, an abort, a step), replaced whole so a reader in
+    another thread always sees one consistent snapshot."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    batch_size: int = 0  # rows of the last step while work remains; 0 once idle
+    kv_usage: float = 0.0  # Σ committed lengths / (slots · positions per slot)
+
+
+@dataclass(frozen=True, slots=True)
 class StepStats:
     """One engine step, for metrics: load, timings and each speculating row's cycle."""
 

@@ -35,7 +35,7 @@ def create_app(
     client: EngineClient, settings: Settings, tokenizer: Tokenizer, metrics: ServerMetrics | None = None
 ) -> FastAPI:
     info = client.info()
-    metrics = metrics or ServerMetrics(info)
+    metrics = metrics or ServerMetrics(info, client.load)
     ctx = Context(
         client,
         info,

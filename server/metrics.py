@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from engine import EngineInfo, StepStats
+from engine import EngineInfo, EngineLoad, StepStats
 
 __all__ = ["CONTENT_TYPE", "RequestTracker", "ServerMetrics"]
 
@@ -73,7 +73,10 @@ def one_two_five(limit: int) -> tuple[float, ...]:
 class ServerMetrics:
     """All metrics on one registry (one per app, so tests can build several)."""
 
-    def __init__(self, info: EngineInfo, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, info: EngineInfo, load: Callable[[], EngineLoad], clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        """`load` (the engine client's): the load gauges read the engine's state at each scrape."""
         self.model_name = info.model_name
         self.clock = clock
         self._muted = False
@@ -201,8 +204,15 @@ class ServerMetrics:
         )
         self.running = Gauge("autojudge_num_requests_running", "Requests in a KV slot", m, registry=r)
         self.waiting = Gauge("autojudge_num_requests_waiting", "Requests waiting for a slot", m, registry=r)
-        self.batch_size = Gauge("autojudge_batch_size", "Rows in the last engine step", m, registry=r)
+        self.batch_size = Gauge(
+            "autojudge_batch_size", "Rows in the last engine step while work remains (0 when idle)", m, registry=r
+        )
         self.kv_usage = Gauge("autojudge_kv_cache_usage_perc", "KV cache use, 0-1", m, registry=r)
+        # NOTE: read at scrape time, so an abort, a drain or a fault with no step after it shows at once.
+        self.running.labels(self.model_name).set_function(lambda: load().num_running)
+        self.waiting.labels(self.model_name).set_function(lambda: load().num_waiting)
+        self.batch_size.labels(self.model_name).set_function(lambda: load().batch_size)
+        self.kv_usage.labels(self.model_name).set_function(lambda: load().kv_usage)
         self.prompt_tokens = Counter("autojudge_prompt_tokens", "Prompt tokens", mp, registry=r)
         self.generation_tokens = Counter("autojudge_generation_tokens", "Generated tokens", mp, registry=r)
         self.success = Counter("autojudge_request_success", "Finished requests", [*mp, "finished_reason"], registry=r)
@@ -239,10 +249,6 @@ class ServerMetrics:
         self.step_seconds.labels(name).observe(stats.seconds_step)
         for phase in PHASES:
             self.phase_seconds.labels(name, phase).inc(getattr(stats, f"seconds_{phase}"))
-        self.running.labels(name).set(stats.num_running)
-        self.waiting.labels(name).set(stats.num_waiting)
-        self.batch_size.labels(name).set(stats.num_running + len(stats.finished))  # rows of this step
-        self.kv_usage.labels(name).set(stats.kv_usage)
         for w, profile in zip(stats.windows, stats.window_profiles, strict=True):
             self.window.labels(name, profile).observe(w)
         if not any(stats.windows):

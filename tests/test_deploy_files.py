@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import EngineInfo, ProfileInfo, RowCycleStats, SpecCounts, StepStats
+from engine import EngineInfo, EngineLoad, ProfileInfo, RowCycleStats, SpecCounts, StepStats
 from server.metrics import ServerMetrics
 from server.settings import ENV_PREFIX, Settings
 
@@ -86,7 +86,7 @@ def exported() -> tuple[dict[str, set[str]], dict[str, str]]:
         bonus_token=True,
         profiles=profiles,
     )
-    metrics = ServerMetrics(info)
+    metrics = ServerMetrics(info, lambda: EngineLoad(1, 0, 2, 0.1))
     window = {"num_spec_steps": 1, "num_draft_tokens": 4}
     exact = SpecCounts(**window, num_accepted_tokens=2, num_recovered=1, accepted_per_pos=(1, 1, 0, 0))
     judged = SpecCounts(
