@@ -134,7 +134,7 @@ class AutoWindow:
         if not any(plan.windows):
             self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
             return
-        plain_step = self.cost.target(len(inputs), 1) * (self.plain_ratio or ratio)
+        plain_step = (self.overhead + self.cost.target(len(inputs), 1)) * (self.plain_ratio or ratio)
         g = self.guard
         g.steps, g.seconds = g.steps + 1, g.seconds + seconds
         g.plain_seconds += emitted * plain_step / len(inputs)
