@@ -64,8 +64,7 @@ class AutoWindow:
         self.probes = 0  # rows made to draft by the probe, in total
         self.probe_debt = 0.0  # predicted seconds probes cost beyond the plans, less the budget earned since
         self.backoffs = 0  # times the guard tripped
-        self.plain_ratio: float | None = None  # EMA of measured / predicted seconds of steps without drafting
-        self.overhead = 0.0  # EMA of a step's seconds beyond its forwards' (the cost model's online part)
+        self.overhead = 0.0  # EMA of a plain step's seconds beyond its forward (the cost model's online part)
 
     def key_alpha(self, key: Key) -> float:
         return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
@@ -116,9 +115,10 @@ class AutoWindow:
 
     def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
         """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
-        part and the tokens it emitted. The guard sums `guard_steps` drafting steps (one step's luck says nothing)
-        and backs off when they took longer than plain decoding would have for the same tokens, its time taken
-        from the cost model scaled by the measured / predicted ratio of plain steps (of these steps until then)."""
+        part and the tokens it emitted. Plain steps (no row drafts, as on every admitting step) teach the overhead:
+        they measure it without mixing in any error of the draft costs. The guard sums `guard_steps` drafting
+        steps (one step's luck says nothing) and backs off when they took longer than plain decoding (forward plus
+        overhead) would have for the same tokens."""
         c = self.config
         for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
             if w == 0:
@@ -128,13 +128,10 @@ class AutoWindow:
             self.last_seen[r.key] = self.step
         if seconds <= 0 or plan.seconds <= 0:
             return
-        forwards = plan.seconds - self.overhead
-        self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - forwards))
-        ratio = seconds / plan.seconds
+        plain_step = self.overhead + self.cost.target(len(inputs), 1)
         if not any(plan.windows):
-            self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
+            self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - (plan.seconds - self.overhead)))
             return
-        plain_step = (self.overhead + self.cost.target(len(inputs), 1)) * (self.plain_ratio or ratio)
         g = self.guard
         g.steps, g.seconds = g.steps + 1, g.seconds + seconds
         g.plain_seconds += emitted * plain_step / len(inputs)
