@@ -707,31 +707,3 @@ def test_a_request_may_ask_for_a_fixed_window_on_an_auto_server_and_not_auto_on_
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "speculative_window"
     bad = run(lambda: scenario(None, "sometimes"))
     assert bad.status_code == 400
-
-
-def test_load_gauges_fall_to_zero_when_the_last_request_is_aborted_with_no_step_after(target, draft):
-    async def scenario():
-        async with served(target, draft) as (http, s):
-            s.gate.hold_after(2)  # the engine thread waits inside its third step
-            request = Request("gone", tuple(TOKENIZER.encode(PROMPT)), SamplingParams(max_tokens=200), SpecParams())
-            stream = await s.client.generate(request)
-            await async_wait_for(lambda: s.gate.steps > 2)
-            during = (await http.get("/metrics")).text
-            stream.close()  # the client went away: an abort waits in the inbox
-            s.gate.release()
-            await async_wait_for(lambda: s.engine.load.num_running == 0)
-            steps = s.gate.steps
-            after = (await http.get("/metrics")).text
-            return during, after, steps, s.gate.steps
-
-    during, after, steps, steps_later = run(scenario)
-    model = {"model_name": MODEL}
-    assert sample(during, "autojudge_num_requests_running", **model) == 1
-    assert (
-        sample(during, "autojudge_batch_size", **model) == 1
-        and sample(during, "autojudge_kv_cache_usage_perc", **model) > 0
-    )
-    assert steps_later == steps  # no engine step ran after the abort
-    for gauge in ("autojudge_num_requests_running", "autojudge_num_requests_waiting", "autojudge_batch_size"):
-        assert sample(after, gauge, **model) == 0
-    assert sample(after, "autojudge_kv_cache_usage_perc", **model) == 0.0
