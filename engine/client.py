@@ -146,6 +146,7 @@ class AsyncEngine:
         self._inbox: list[Request | str] = []  # a Request to add or a request id to abort
         self._wake = threading.Event()
         self._stop = False
+        self._dead = False  # set by the engine thread when a step raised: nothing runs any more
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Event-loop-thread state only:
@@ -211,7 +212,8 @@ class AsyncEngine:
         return self._info
 
     def load(self) -> EngineLoad:
-        return self._engine.load
+        # A failed step leaves its rows in the engine's scheduler, but every one of them has been failed.
+        return EngineLoad() if self._dead else self._engine.load
 
     def _post(self, item: Request | str) -> None:
         with self._lock:
@@ -249,6 +251,7 @@ class AsyncEngine:
             while self._cycle():
                 pass
         except Exception as e:  # any fault fails every in-flight request and marks the engine unhealthy
+            self._dead = True
             self._call_in_loop(self._fail_all, f"{type(e).__name__}: {e}")
 
     def _cycle(self) -> bool:

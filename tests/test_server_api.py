@@ -560,6 +560,8 @@ def test_engine_fault_fails_requests_cleanly_and_the_server_stays_up(target, dra
             return streamed, plain, await http.get("/health"), await http.get("/metrics")
 
     streamed, plain, health, metrics = run(scenario)
+    for gauge in ("autojudge_num_requests_running", "autojudge_batch_size", "autojudge_kv_cache_usage_perc"):
+        assert sample(metrics.text, gauge, model_name=MODEL) == 0  # the failed step's rows are not load
     events = sse_events(streamed.text)
     assert streamed.status_code == 200 and events[-1] == "[DONE]"
     assert events[-2]["error"]["type"] == "overloaded_error" and "kernel fault" in events[-2]["error"]["message"]
@@ -707,3 +709,28 @@ def test_a_request_may_ask_for_a_fixed_window_on_an_auto_server_and_not_auto_on_
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "speculative_window"
     bad = run(lambda: scenario(None, "sometimes"))
     assert bad.status_code == 400
+
+
+def test_load_gauges_fall_to_zero_when_the_last_request_is_aborted_with_no_step_after(target, draft):
+    async def scenario():
+        async with served(target, draft) as (http, s):
+            s.gate.hold_after(2)  # the engine thread waits inside its third step
+            request = Request("gone", tuple(TOKENIZER.encode(PROMPT)), SamplingParams(max_tokens=100), SpecParams())
+            stream = await s.client.generate(request)
+            await async_wait_for(lambda: s.gate.steps > 2)
+            during = (await http.get("/metrics")).text
+            stream.close()  # the client went away: the abort waits in the inbox until this step ends
+            s.gate.release()
+            await async_wait_for(lambda: s.engine.load.num_running == 0)
+            after = (await http.get("/metrics")).text
+            return during, after, s.gate.steps
+
+    during, after, steps = run(scenario)
+    model = {"model_name": MODEL}
+    assert sample(during, "autojudge_num_requests_running", **model) == 1
+    assert sample(during, "autojudge_batch_size", **model) == 1
+    assert sample(during, "autojudge_kv_cache_usage_perc", **model) > 0
+    assert steps == 3  # the inbox is read before a step: none ran after the abort
+    for gauge in ("autojudge_num_requests_running", "autojudge_num_requests_waiting", "autojudge_batch_size"):
+        assert sample(after, gauge, **model) == 0
+    assert sample(after, "autojudge_kv_cache_usage_perc", **model) == 0.0
