@@ -4,6 +4,7 @@ HTTP metrics middleware; the engine client is injected and started/stopped by th
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,21 +13,29 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import EngineClient
+from server import openapi
 from server.errors import APIError, bad_request, install_handlers, to_api_error
 from server.generation import Context, serve
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.profiles import ProfileTable
-from server.schemas import ChatBody, CompletionBody, GenerationBody
+from server.schemas import ChatCompletionRequest, CompletionRequest, GenerationBody
 from server.settings import Settings
 from server.text import Tokenizer
 from server.version import version_info
 from server.warmup import warm_up
 
 MAX_REQUEST_ID = 128
+DESCRIPTION = (
+    "OpenAI-compatible completions with AutoJudge lossy speculative decoding: a draft model proposes tokens, the "
+    "target verifies them, and a learned judge head of the request's task profile accepts the mismatches that do "
+    "not change the answer. The extension fields (task_profile, judge_threshold, num_speculative_tokens, "
+    "speculative_window, speculative, spec_metrics) choose the lossiness per request."
+)
 
 log = logging.getLogger("autojudge.server")
 
@@ -54,43 +63,50 @@ def create_app(
         yield
         await client.shutdown(settings.shutdown_timeout)
 
-    app = FastAPI(title="AutoJudge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="AutoJudge",
+        version=importlib.metadata.version("autojudge-server"),
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+    )
+    openapi.install(app, settings.api_key is not None, DESCRIPTION)
     install_handlers(app)
     app.add_middleware(HTTPMetrics, metrics=metrics)
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.errors(503))
     async def health() -> Response:
         h = client.health()
         if not h.healthy:
             raise APIError(503, f"the engine failed: {h.error}", "overloaded_error", None, "engine_unhealthy")
         return Response(status_code=200)
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=openapi.Ready, responses=openapi.errors(503))
     async def ready() -> dict[str, Any]:
         h = client.health()
         if not (h.healthy and h.accepting):
             raise APIError(503, "the server is not accepting requests", "overloaded_error", None, "not_ready")
         return {"status": "ready", "num_requests": h.num_requests}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, description="Prometheus text exposition")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     about = version_info(info)
 
-    @app.get("/version")
+    @app.get("/version", response_model=openapi.Version)
     async def version() -> dict[str, Any]:
         return about
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(settings.api_key))])
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=openapi.ModelList, responses=openapi.errors(401))
     async def models() -> dict[str, Any]:
         card = {"id": info.model_name, "object": "model", "created": 0, "owned_by": "autojudge"}
         card["max_model_len"] = info.max_model_len
         return {"object": "list", "data": [card], "profiles": profile_list(ctx)}
 
-    @v1.get("/profiles")
+    @v1.get("/profiles", response_model=openapi.ProfileList, responses=openapi.errors(401))
     async def profiles() -> dict[str, Any]:
         return {"object": "list", "default": ctx.profiles.default, "data": profile_list(ctx)}
 
@@ -103,13 +119,23 @@ def create_app(
         except Exception as e:  # engine refusals and faults become their status here, not in the error middleware
             raise to_api_error(e) from e
 
-    @v1.post("/completions")
+    @v1.post(
+        "/completions",
+        response_model=None,
+        responses=openapi.generation_responses(openapi.Completion, openapi.CompletionChunk),
+        openapi_extra=openapi.request_body(CompletionRequest),
+    )
     async def completions(request: Request) -> Any:
-        return await generate(request, CompletionBody)
+        return await generate(request, CompletionRequest)
 
-    @v1.post("/chat/completions")
+    @v1.post(
+        "/chat/completions",
+        response_model=None,
+        responses=openapi.generation_responses(openapi.ChatCompletion, openapi.ChatCompletionChunk),
+        openapi_extra=openapi.request_body(ChatCompletionRequest),
+    )
     async def chat(request: Request) -> Any:
-        return await generate(request, ChatBody)
+        return await generate(request, ChatCompletionRequest)
 
     app.include_router(v1)
     return app

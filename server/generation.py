@@ -27,7 +27,14 @@ from engine import (
 from server.errors import APIError, bad_request, to_api_error
 from server.metrics import RequestTracker, ServerMetrics
 from server.profiles import ProfileTable, Resolved
-from server.schemas import ChatBody, CompletionBody, GenerationBody, judge_block, speculative_decoding, usage
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationBody,
+    judge_block,
+    speculative_decoding,
+    usage,
+)
 from server.text import TextStream, Tokenizer, encode_chat
 
 T = TypeVar("T")
@@ -89,12 +96,10 @@ def prepare(ctx: Context, body: GenerationBody, request_id: str | None) -> tuple
         raise bad_request(
             f"the prompt has {len(ids)} tokens; the context limit is {limit}", param, "context_length_exceeded"
         )
-    assert isinstance(body, CompletionBody | ChatBody)
+    assert isinstance(body, CompletionRequest | ChatCompletionRequest)
     max_tokens = body.requested_max_tokens()
     if max_tokens is None:
         max_tokens = limit - len(ids)
-    elif max_tokens <= 0:
-        raise bad_request("max_tokens must be >= 1", "max_tokens")
     elif len(ids) + max_tokens > limit:
         raise bad_request(
             f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context limit {limit}",
@@ -117,10 +122,10 @@ def prepare(ctx: Context, body: GenerationBody, request_id: str | None) -> tuple
 
 
 def prompt_ids(ctx: Context, body: GenerationBody) -> tuple[list[int], str]:
-    if isinstance(body, ChatBody):
+    if isinstance(body, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return encode_chat(ctx.tokenizer, messages), "messages"
-    assert isinstance(body, CompletionBody)
+    assert isinstance(body, CompletionRequest)
     if isinstance(body.prompt, str):
         if not body.prompt:
             raise bad_request("prompt must not be empty", "prompt")
@@ -138,7 +143,7 @@ async def serve(
     """Admit the request (refusals become 4xx/5xx before any byte is sent), then answer or stream. `receive` is
     the ASGI channel, already drained of the body: its next message tells that the client went away."""
     request, resolved, num_prompt = prepare(ctx, body, request_id)
-    chat = isinstance(body, ChatBody)
+    chat = isinstance(body, ChatCompletionRequest)
     job = Job(
         ctx,
         chat,

@@ -37,32 +37,59 @@ UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: bool = Field(False, description="send a last chunk with the usage and the `metrics` block")
+    continuous_usage_stats: bool = Field(False, description="put the running usage on every chunk")
+
+
+MaxTokens = Annotated[int, Field(ge=1)] | None
+StopString = Annotated[str, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class GenerationBody(BaseModel):
-    """Fields shared by both endpoints, including our extensions (sent by the OpenAI SDK through `extra_body`)."""
+    """Fields shared by both endpoints, including our extensions (sent by the OpenAI SDK through `extra_body`).
+    Unknown fields are accepted and ignored, except OpenAI's that this server does not support with a value
+    other than their default (`n`, `best_of`, `logprobs`, `logit_bias`, `tools`, ...): those are a 400."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: disabled (vLLM accepts both)
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    model: str | None = Field(None, description="the served model id (`GET /v1/models`); any other is a 404")
+    max_tokens: MaxTokens = Field(None, description="tokens to generate at most; default: up to the context limit")
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(None, description="default 1; 0 is greedy")
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="nucleus sampling; default 1")
+    # -1 or 0: disabled (vLLM accepts both)
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="keep the k likeliest; -1 or 0: off")
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = Field(None, description="reproducible sampling")
+    stop: Stop | None = Field(None, description=f"up to {MAX_STOP_STRINGS} non-empty strings that end the text")
+    stream: bool = Field(False, description="answer with server-sent events (`text/event-stream`) chunks")
     stream_options: StreamOptions | None = None
     user: str | None = None
-    task_profile: str | None = None
-    judge_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    num_speculative_tokens: Annotated[int, Field(ge=0)] | None = None
-    speculative_window: Literal["auto", "fixed"] | None = None
-    speculative: bool | None = None
-    spec_metrics: Literal["none", "summary", "detailed"] | None = None
-    response_format: dict[str, Any] | None = None
+    task_profile: str | None = Field(
+        None, description="AutoJudge task profile (`GET /v1/profiles`): its judge head, threshold and window"
+    )
+    judge_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None,
+        description="the judge accepts a mismatch whose importance score is below this; higher is lossier. "
+        "Default: the profile's. Ignored by `lossless`",
+    )
+    num_speculative_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="window W: draft tokens per cycle, at most the server's `max_speculative_tokens` (see "
+        "`/version`); 0 decodes without drafting. With automatic windows it is the cap of the planner's choice. "
+        "Default: the profile's, else the server's",
+    )
+    speculative_window: Literal["auto", "fixed"] | None = Field(
+        None,
+        description="`fixed`: draft W tokens every cycle; `auto`: the cost model picks each step's window in "
+        "[0, W] (needs a server started with `--num-speculative-tokens auto`). Default: the server's",
+    )
+    speculative: bool | None = Field(None, description="false: plain decoding for this request. Default: true")
+    spec_metrics: Literal["none", "summary", "detailed"] | None = Field(
+        None,
+        description="the response's `metrics` block: none, per-request summary, or summary plus every cycle. "
+        "Default: the server's `--spec-metrics`",
+    )
+    response_format: dict[str, Any] | None = Field(None, description='only `{"type": "text"}`')
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
@@ -73,18 +100,17 @@ class GenerationBody(BaseModel):
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
 
     def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
-            raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings", "stop")
-        return tuple(stops)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionBody(GenerationBody):
-    prompt: str | list[int]
+class CompletionRequest(GenerationBody):
+    """`POST /v1/completions`."""
+
+    prompt: str | list[int] = Field(description="text, or token ids of the served model's vocabulary; one prompt")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -106,9 +132,11 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatBody(GenerationBody):
+class ChatCompletionRequest(GenerationBody):
+    """`POST /v1/chat/completions`: the messages are rendered with the model's chat template."""
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: MaxTokens = Field(None, description="OpenAI's newer name of max_tokens; wins over it")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -47,6 +47,7 @@ class Settings:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
     api_key: str | None = _opt(None, "require `Authorization: Bearer <key>` on /v1 routes")
+    docs: bool = _opt(True, "interactive API docs at /docs (the OpenAPI document is always at /openapi.json)")
     max_body_bytes: int = _opt(1 << 20, "largest accepted request body (413 beyond)")
     request_timeout: float = _opt(600.0, "seconds a request may run before it is aborted")
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on shutdown")

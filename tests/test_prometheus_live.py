@@ -9,10 +9,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,54 +18,13 @@ import httpx
 import pytest
 
 from engine.model.assets import find_smollm2_gguf
+from live import START_TIMEOUT, Process, embedded_server, free_port
 from test_deploy_files import DASHBOARDS, dashboard_queries, substitute
 
 pytestmark = pytest.mark.embedded
 
 SCRAPE_SECONDS = 1
-START_TIMEOUT = 240.0  # loading + warm-up of the embedded pair on 2 busy cores
-STOP_TIMEOUT = 30.0
 QUESTION = "Tom has 3 boxes with 4 pens each. How many pens does he have?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Process:
-    """A child in its own session with its output in a file; `stop` sends SIGTERM, then SIGKILL."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_until(self, url: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.log.name}: exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(url, timeout=5.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.5)
-        pytest.fail(f"{self.log.name}: {url} not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def prometheus_binary() -> str:
@@ -94,10 +49,7 @@ def stack() -> Iterator[tuple[str, str, str]]:
         model = "autojudge-test"
         procs: list[Process] = []
         try:
-            serve = str(Path(sys.executable).parent / "autojudge-serve")
-            argv = [serve, "--host", "127.0.0.1", "--port", str(server_port), "--served-model-name", model]
-            argv += ["--max-slots", "4", "--max-model-len", "512", "--threads", "1", "--log-level", "warning"]
-            procs.append(Process(argv, work / "server.log"))
+            procs.append(Process(embedded_server(server_port, model), work / "server.log"))
             config = work / "prometheus.yml"
             config.write_text(
                 f"global:\n  scrape_interval: {SCRAPE_SECONDS}s\n  evaluation_interval: {SCRAPE_SECONDS}s\n"

@@ -451,7 +451,7 @@ BAD_CHATS = [
     (
         "max_completion_tokens zero",
         {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
-        "max_tokens",
+        "max_completion_tokens",
     ),
 ]
 
