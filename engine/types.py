@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Temperatures below this decode greedily (vLLM's epsilon too): logits / 1e-308 overflow to inf, and the
+# softmax of inf is NaN, which would fail the whole batch's step.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. `temperature == 0` is greedy."""
+    """How to pick tokens and when to stop. `temperature < GREEDY_BELOW` (0 included) is greedy."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -32,7 +37,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True, slots=True)

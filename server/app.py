@@ -70,11 +70,11 @@ def create_app(
         docs_url="/docs" if settings.docs else None,
         redoc_url=None,
     )
-    openapi.install(app, settings.api_key is not None, DESCRIPTION)
+    openapi.install(app, info, settings.api_key is not None, DESCRIPTION)
     install_handlers(app)
     app.add_middleware(HTTPMetrics, metrics=metrics)
 
-    @app.get("/health", responses=openapi.errors(503))
+    @app.get("/health", response_class=Response, responses=openapi.errors(503), description="200, no body: alive")
     async def health() -> Response:
         h = client.health()
         if not h.healthy:

@@ -127,12 +127,8 @@ def prompt_ids(ctx: Context, body: GenerationBody) -> tuple[list[int], str]:
         return encode_chat(ctx.tokenizer, messages), "messages"
     assert isinstance(body, CompletionRequest)
     if isinstance(body.prompt, str):
-        if not body.prompt:
-            raise bad_request("prompt must not be empty", "prompt")
         return list(ctx.tokenizer.encode(body.prompt)), "prompt"
-    if not body.prompt:
-        raise bad_request("prompt must not be empty", "prompt")
-    if min(body.prompt) < 0 or max(body.prompt) >= ctx.info.vocab_size:
+    if max(body.prompt) >= ctx.info.vocab_size:
         raise bad_request(f"prompt token ids must be in [0, {ctx.info.vocab_size})", "prompt")
     return list(body.prompt), "prompt"
 

@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from engine import EngineInfo
 from server.schemas import ChatCompletionRequest, CompletionRequest
 
 REF = "#/components/schemas/{model}"
@@ -184,16 +185,21 @@ class ChatCompletionChunk(Closed):
     metrics: RequestMetrics | None = None
 
 
+def event_stream(chunk: type[BaseModel]) -> dict[str, Any]:
+    """Each server-sent event (OpenAPI 3.1 reads `schema` of an event stream per event): `data:` holds a chunk,
+    or the error that ended the stream, then the literal `[DONE]`."""
+    payload = {"anyOf": [{"$ref": REF.format(model=m)} for m in (chunk.__name__, "ErrorResponse")]}
+    data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json",
+                                              "contentSchema": payload}]}  # fmt: skip
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}
+
+
 def generation_responses(reply: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    stream = {
-        "schema": {"type": "string"},
-        "x-event-schema": {"oneOf": [{"$ref": REF.format(model=m)} for m in (chunk.__name__, "ErrorResponse")]},
-    }
     ok = {
         "model": reply,
         "description": f"the {reply.__name__}; with `stream: true`, server-sent events: `data: <{chunk.__name__}>` "
         "each, an ErrorResponse event if the request fails after the first, then `data: [DONE]`",
-        "content": {"text/event-stream": stream},
+        "content": {"text/event-stream": event_stream(chunk)},
     }
     return {200: ok} | errors(400, 401, 404, 413, 429, 503, 504)
 
@@ -275,9 +281,15 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def install(app: FastAPI, api_key: bool, description: str) -> None:
+def branch(field: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The `kind` member of an optional or union field's `anyOf`."""
+    return next(s for s in field["anyOf"] if s.get("type") == kind)
+
+
+def install(app: FastAPI, info: EngineInfo, api_key: bool, description: str) -> None:
     """Serve the document at `/openapi.json`: FastAPI's, plus the models it cannot see (the bodies are parsed by
-    hand for the size limit and OpenAI-style errors; stream chunks are not a route's return value)."""
+    hand for the size limit and OpenAI-style errors; stream chunks are not a route's return value), with this
+    server's window limit and vocabulary."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -286,6 +298,11 @@ def install(app: FastAPI, api_key: bool, description: str) -> None:
             _, extra = models_json_schema(UNREFERENCED, ref_template=REF)
             for name, schema in extra["$defs"].items():
                 schemas.setdefault(name, schema)  # a model FastAPI listed too: the same, minus null defaults
+            for model, _ in UNREFERENCED[:2]:
+                fields = schemas[model.__name__]["properties"]
+                branch(fields["num_speculative_tokens"], "integer")["maximum"] = info.max_speculative_tokens
+                if "prompt" in fields:
+                    branch(fields["prompt"], "array")["items"]["maximum"] = info.vocab_size - 1
             if api_key:
                 doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             for path, ops in doc["paths"].items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from engine import SpecCounts
 from server.errors import bad_request
@@ -41,7 +41,24 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = Field(False, description="put the running usage on every chunk")
 
 
-MaxTokens = Annotated[int, Field(ge=1)] | None
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's integer: 4 and 4.0 alike (JSON has one number type), never "4" or 4.5. It goes after an int's
+# bounds, so that they reach the document as minimum/maximum.
+Integral = BeforeValidator(_integral)
+
+
+class ResponseFormat(BaseModel):
+    """Plain text only: JSON modes are not supported with speculative verification yet."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+
+
+MaxTokens = Annotated[int, Field(ge=1), Integral] | None
+TokenId = Annotated[int, Field(ge=0), Integral]
 StopString = Annotated[str, Field(min_length=1)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
@@ -58,8 +75,8 @@ class GenerationBody(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(None, description="default 1; 0 is greedy")
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="nucleus sampling; default 1")
     # -1 or 0: disabled (vLLM accepts both)
-    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="keep the k likeliest; -1 or 0: off")
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = Field(None, description="reproducible sampling")
+    top_k: Annotated[int, Field(ge=-1), Integral] | None = Field(None, description="keep the k likeliest; -1 or 0: off")
+    seed: Annotated[int, Field(ge=0, lt=2**63), Integral] | None = Field(None, description="reproducible sampling")
     stop: Stop | None = Field(None, description=f"up to {MAX_STOP_STRINGS} non-empty strings that end the text")
     stream: bool = Field(False, description="answer with server-sent events (`text/event-stream`) chunks")
     stream_options: StreamOptions | None = None
@@ -72,7 +89,7 @@ class GenerationBody(BaseModel):
         description="the judge accepts a mismatch whose importance score is below this; higher is lossier. "
         "Default: the profile's. Ignored by `lossless`",
     )
-    num_speculative_tokens: Annotated[int, Field(ge=0)] | None = Field(
+    num_speculative_tokens: Annotated[int, Field(ge=0), Integral] | None = Field(
         None,
         description="window W: draft tokens per cycle, at most the server's `max_speculative_tokens` (see "
         "`/version`); 0 decodes without drafting. With automatic windows it is the cap of the planner's choice. "
@@ -89,15 +106,13 @@ class GenerationBody(BaseModel):
         description="the response's `metrics` block: none, per-request summary, or summary plus every cycle. "
         "Default: the server's `--spec-metrics`",
     )
-    response_format: dict[str, Any] | None = Field(None, description='only `{"type": "text"}`')
+    response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         extra = self.model_extra or {}
         for name, defaults in UNSUPPORTED_DEFAULTS.items():
             if name in extra and not any(extra[name] == d and type(extra[name]) is type(d) for d in defaults):
                 raise bad_request(f"{name} is not supported by this server", name, "unsupported_parameter")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -110,7 +125,10 @@ class GenerationBody(BaseModel):
 class CompletionRequest(GenerationBody):
     """`POST /v1/completions`."""
 
-    prompt: str | list[int] = Field(description="text, or token ids of the served model's vocabulary; one prompt")
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0), Integral]], Field(min_length=1)]
+    ) = Field(description="text, or token ids of the served model's vocabulary; one prompt")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from conftest import VOCAB
 from server import openapi
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.settings import Settings
@@ -33,8 +34,11 @@ def test_every_route_is_documented_with_the_models_that_validate_it(target, draf
         op = paths[path]["post"]
         body = op["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model.__name__}"}
-        own = model.model_json_schema(ref_template=openapi.REF)
-        assert schemas[model.__name__]["properties"] == own["properties"]  # one source of truth
+        own = model.model_json_schema(ref_template=openapi.REF)["properties"]
+        openapi.branch(own["num_speculative_tokens"], "integer")["maximum"] = 8  # this server's limits
+        if "prompt" in own:
+            openapi.branch(own["prompt"], "array")["items"]["maximum"] = VOCAB - 1
+        assert schemas[model.__name__]["properties"] == own  # one source of truth, with this server's limit
         assert set(op["responses"]) == {"200", "400", "404", "413", "429", "503", "504"}  # no key: no 401
         assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
         for status in ("400", "429", "503"):
@@ -45,6 +49,8 @@ def test_every_route_is_documented_with_the_models_that_validate_it(target, draf
         assert fields[name]["description"], name
     threshold = next(s for s in fields["judge_threshold"]["anyOf"] if s.get("type") == "number")
     assert (threshold["minimum"], threshold["maximum"]) == (0.0, 1.0)
+    window = openapi.branch(fields["num_speculative_tokens"], "integer")
+    assert (window["minimum"], window["maximum"]) == (0, 8)  # this server's max_speculative_tokens
     for name in ("Completion", "CompletionChunk", "ChatCompletionChunk", "Version", "ProfileList", "ErrorResponse"):
         assert schemas[name]["additionalProperties"] is False, name  # an undocumented field is a contract error
     assert "securitySchemes" not in doc["components"]
@@ -97,3 +103,12 @@ def test_every_kind_of_response_matches_its_documented_model(target, draft):
     metrics = [b.get("metrics") for m, b in got if m is openapi.Completion]
     assert None in metrics and any(m and m["speculative_decoding"] is None for m in metrics)
     assert any(m and m["speculative_decoding"] and "per_step_accepted" in m["speculative_decoding"] for m in metrics)
+
+
+def test_an_integral_number_is_an_integer_as_in_json_schema(target, draft):
+    async def scenario():
+        async with served(target, draft) as (http, _):
+            return await http.post(GENERATION[0], json=OK | {"max_tokens": 4.0, "seed": 3.0, "temperature": 1})
+
+    r = run(scenario)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

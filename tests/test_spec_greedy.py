@@ -93,3 +93,13 @@ def test_self_draft_accepts_every_window(target):
         # 37 tokens in windows of 4 drafts + bonus: 7 full cycles (35 tokens), then one with W = 1.
         assert c.num_spec_steps == 8 and c.mean_acceptance_length == 37 / 8
         assert c.accepted_per_pos[:4] == (8, 7, 7, 7)
+
+
+def test_a_vanishing_temperature_decodes_greedily_instead_of_overflowing(target, draft, reference):
+    engine = make_engine(target, draft)
+    tiny = [
+        Request(r.request_id, r.prompt_token_ids, SamplingParams(24, temperature=2.2e-308, ignore_eos=True), r.spec)
+        for r in requests(prompts(8, seed=3))
+    ]
+    tokens, _ = run_all(engine, tiny)  # logits / 2.2e-308 would be inf, and its softmax NaN
+    assert tokens == reference
