@@ -8,6 +8,7 @@ each case is one short generation; the storm checks that nothing is left behind:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import random
 import tempfile
@@ -127,8 +128,8 @@ async def abandoned_stream(http: httpx.AsyncClient, rng: random.Random, i: int) 
     body = {"model": MODEL, "prompt": f"Request {i}: count slowly from one to fifty.", "max_tokens": 200}
     body |= {"stream": True, "temperature": 0.8, "seed": i}
     where = rng.choice(("headers", "open", "chunks"))
-    try:
-        async with asyncio.timeout(rng.uniform(0.0, 0.05) if where == "headers" else 60):
+    with contextlib.suppress(TimeoutError):  # only the "headers" case has a deadline; a hang elsewhere fails
+        async with asyncio.timeout(rng.uniform(0.0, 0.05) if where == "headers" else None):
             async with http.stream("POST", "/v1/completions", json=body) as r:
                 assert r.status_code == 200, r.status_code
                 if where == "chunks":
@@ -137,8 +138,6 @@ async def abandoned_stream(http: httpx.AsyncClient, rng: random.Random, i: int) 
                         wanted -= line.startswith("data: ")
                         if wanted <= 0:
                             break
-    except TimeoutError:
-        pass
     return where
 
 
