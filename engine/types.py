@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 # Temperatures below this decode greedily (vLLM's epsilon too): logits / 1e-308 overflow to inf, and the
 # softmax of inf is NaN, which would fail the whole batch's step.
 GREEDY_BELOW = 1e-5
