@@ -44,7 +44,7 @@ def create_app(
     client: EngineClient, settings: Settings, tokenizer: Tokenizer, metrics: ServerMetrics | None = None
 ) -> FastAPI:
     info = client.info()
-    metrics = metrics or ServerMetrics(info, client.load)
+    metrics = metrics or ServerMetrics(info, client.load, vllm_names=settings.vllm_metrics)
     ctx = Context(
         client,
         info,

@@ -64,7 +64,7 @@ def serve(settings: Settings) -> None:
         log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, settings.draft)
         loaded = build_engine(settings.model_source(), settings.engine_config(), on_step)
         log.info("loaded %s in %.1f s", loaded.summary, loaded.seconds)
-        metrics.append(ServerMetrics(loaded.info, loaded.client.load))
+        metrics.append(ServerMetrics(loaded.info, loaded.client.load, vllm_names=settings.vllm_metrics))
         server.client = loaded.client
         log.info("serving %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
         return create_app(loaded.client, settings, loaded.tokenizer, metrics[0])

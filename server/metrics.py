@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine import EngineInfo, EngineLoad, StepStats
 
@@ -74,9 +76,14 @@ class ServerMetrics:
     """All metrics on one registry (one per app, so tests can build several)."""
 
     def __init__(
-        self, info: EngineInfo, load: Callable[[], EngineLoad], clock: Callable[[], float] = time.perf_counter
+        self,
+        info: EngineInfo,
+        load: Callable[[], EngineLoad],
+        clock: Callable[[], float] = time.perf_counter,
+        vllm_names: bool = False,
     ) -> None:
-        """`load` (the engine client's): the load gauges read the engine's state at each scrape."""
+        """`load` (the engine client's): the load gauges read the engine's state at each scrape. `vllm_names`:
+        also the core series under vLLM's names (`VllmAliases`)."""
         self.model_name = info.model_name
         self.clock = clock
         self._muted = False
@@ -227,6 +234,8 @@ class ServerMetrics:
         for p in info.profiles:
             if p.head_sha256 is not None:
                 self.head_info.labels(p.name, p.layout or "", p.head_sha256).set(1)
+        if vllm_names:
+            r.register(VllmAliases(self, load))
 
     @contextlib.contextmanager
     def muted(self) -> Iterator[None]:
@@ -283,6 +292,49 @@ class ServerMetrics:
 
     def track(self, profile: str, num_prompt_tokens: int) -> RequestTracker:
         return RequestTracker(self, profile, num_prompt_tokens)
+
+
+class VllmAliases(Collector):
+    """The series that routers and autoscalers read from vLLM by default (vllm-router, the llm-d endpoint picker,
+    KEDA and HPA examples), under vLLM's names, computed at scrape time from the same state as ours: never a second
+    count that could drift. Token and request counters are summed over task profiles."""
+
+    def __init__(self, metrics: ServerMetrics, load: Callable[[], EngineLoad]) -> None:
+        self.metrics = metrics
+        self.load = load
+
+    def collect(self) -> Iterator[Metric]:
+        name = self.metrics.model_name
+        now = self.load()
+        gauges = [
+            ("vllm:num_requests_running", "Requests in a KV slot", now.num_running),
+            ("vllm:num_requests_waiting", "Requests waiting for a slot", now.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV cache use, 0-1", now.kv_usage),
+            ("vllm:gpu_cache_usage_perc", "KV cache use, 0-1 (vLLM's older name)", now.kv_usage),
+        ]
+        for metric, doc, value in gauges:
+            g = GaugeMetricFamily(metric, doc, labels=["model_name"])
+            g.add_metric([name], value)
+            yield g
+        yield summed("vllm:prompt_tokens", "Prompt tokens", self.metrics.prompt_tokens, name, ())
+        yield summed("vllm:generation_tokens", "Generated tokens", self.metrics.generation_tokens, name, ())
+        yield summed("vllm:request_success", "Finished requests", self.metrics.success, name, ("finished_reason",))
+
+
+def summed(metric: str, doc: str, source: Counter, model: str, keep: tuple[str, ...]) -> CounterMetricFamily:
+    """`source`'s `_total` samples of `model`, summed over every label but `keep`."""
+    totals: dict[tuple[str, ...], float] = {}
+    for family in source.collect():
+        for s in family.samples:
+            if s.name.endswith("_total") and s.labels.get("model_name") == model:
+                key = tuple(s.labels[k] for k in keep)
+                totals[key] = totals.get(key, 0.0) + s.value
+    if not keep:
+        totals.setdefault((), 0.0)  # the series exists from the start, so a rate has its first sample
+    out = CounterMetricFamily(metric, doc, labels=["model_name", *keep])
+    for key, value in totals.items():
+        out.add_metric([model, *key], value)
+    return out
 
 
 class RequestTracker:

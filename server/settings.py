@@ -53,6 +53,9 @@ class Settings:
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on shutdown")
     default_profile: str = _opt("lossless", "task profile of requests that name none")
     profiles: str | None = _opt(None, "task profiles file (TOML or JSON); default: lossless + one per head in heads")
+    vllm_metrics: bool = _opt(
+        False, "also expose running/waiting/KV/token series under vLLM's `vllm:` names, for routers and autoscalers"
+    )
     spec_metrics: str = _opt("summary", "none | summary | detailed: per-request stats of requests that ask none")
     log_level: str = _opt("info", "debug | info | warning | error")
     pair: str = _opt(PAIRS[0], "named model pair: " + " | ".join(PAIRS))

@@ -55,13 +55,15 @@ class Served:
     gate: Gate
 
 
-def build_app(target, draft, settings: Settings | None = None, *, heads: bool = False, **kwargs: Any) -> Served:
+def build_app(
+    target, draft, settings: Settings | None = None, *, heads: bool = False, vllm_names: bool = False, **kwargs: Any
+) -> Served:
     gate = Gate()
     judge = HeadJudge({"math": math_head()}) if heads else None
     engine, client = tiny_engine(
         target, draft, judge=judge, on_step=gate, detokenize=lambda ids: TOKENIZER.decode(ids), name=MODEL, **kwargs
     )
-    metrics = ServerMetrics(client.info(), client.load)
+    metrics = ServerMetrics(client.info(), client.load, vllm_names=vllm_names)
     gate.then = metrics.observe_step
     app = create_app(client, settings or Settings(), TOKENIZER, metrics)
     return Served(app, engine, client, metrics, gate)
@@ -734,3 +736,40 @@ def test_load_gauges_fall_to_zero_when_the_last_request_is_aborted_with_no_step_
     for gauge in ("autojudge_num_requests_running", "autojudge_num_requests_waiting", "autojudge_batch_size"):
         assert sample(after, gauge, **model) == 0
     assert sample(after, "autojudge_kv_cache_usage_perc", **model) == 0.0
+
+
+def test_vllm_names_alias_the_load_and_token_series_for_routers(target, draft):
+    async def scenario():
+        async with served(target, draft, heads=True, vllm_names=True) as (http, s):
+            before = (await http.get("/metrics")).text
+            s.gate.hold_after(2)
+            held = asyncio.create_task(http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 60}))
+            await async_wait_for(lambda: s.gate.steps > 2)
+            during = (await http.get("/metrics")).text
+            s.gate.release()
+            await held
+            await http.post("/v1/completions", json=OK | {"task_profile": "math"})
+            return before, during, (await http.get("/metrics")).text
+
+    before, during, after = run(scenario)
+    model = {"model_name": MODEL}
+    assert sample(before, "vllm:prompt_tokens_total", **model) == 0 and "vllm:prompt_tokens_total" in before
+    assert sample(during, "vllm:num_requests_running", **model) == 1
+    assert sample(during, "vllm:kv_cache_usage_perc", **model) == sample(
+        during, "autojudge_kv_cache_usage_perc", **model
+    )
+    assert sample(during, "vllm:gpu_cache_usage_perc", **model) > 0
+    assert sample(after, "vllm:num_requests_running", **model) == 0
+    for ours, theirs in (("autojudge_prompt_tokens_total", "vllm:prompt_tokens_total"),
+                         ("autojudge_generation_tokens_total", "vllm:generation_tokens_total")):  # fmt: skip
+        per_profile = [sample(after, ours, task_profile=p, **model) for p in ("lossless", "math")]
+        assert all(per_profile) and sample(after, theirs, **model) == sum(per_profile)
+    assert sample(after, "vllm:request_success_total", finished_reason="length", **model) == 2
+
+
+def test_vllm_names_are_off_by_default(target, draft):
+    async def scenario():
+        async with served(target, draft) as (http, _):
+            return (await http.get("/metrics")).text
+
+    assert "vllm:" not in run(scenario)
