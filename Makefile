@@ -48,7 +48,7 @@ typecheck: install
 
 # Tools the deployment tests run (tests/test_prometheus_live.py, tests/test_deploy_files.py): Debian packages,
 # installed when missing and this is a root shell with apt; elsewhere those tests skip (CI requires them).
-SYSDEPS := prometheus docker-compose
+SYSDEPS := prometheus docker-compose haproxy
 sysdeps:
 	@missing=""; for t in $(SYSDEPS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

@@ -7,7 +7,7 @@ import hmac
 import importlib.metadata
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any
@@ -41,8 +41,13 @@ log = logging.getLogger("autojudge.server")
 
 
 def create_app(
-    client: EngineClient, settings: Settings, tokenizer: Tokenizer, metrics: ServerMetrics | None = None
+    client: EngineClient,
+    settings: Settings,
+    tokenizer: Tokenizer,
+    metrics: ServerMetrics | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> FastAPI:
+    """`draining()`: a shutdown has begun; /ready answers 503 even while requests are still admitted."""
     info = client.info()
     metrics = metrics or ServerMetrics(info, client.load, vllm_names=settings.vllm_metrics)
     ctx = Context(
@@ -84,7 +89,7 @@ def create_app(
     @app.get("/ready", response_model=openapi.Ready, responses=openapi.errors(503))
     async def ready() -> dict[str, Any]:
         h = client.health()
-        if not (h.healthy and h.accepting):
+        if draining() or not (h.healthy and h.accepting):
             raise APIError(503, "the server is not accepting requests", "overloaded_error", None, "not_ready")
         return {"status": "ready", "num_requests": h.num_requests}
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -24,29 +25,46 @@ log = logging.getLogger("autojudge.server")
 
 class GracefulServer(uvicorn.Server):
     """Before the models have loaded (`client` None) a signal is uvicorn's own. After, the first SIGINT/SIGTERM
-    stops admitting: new requests get 503 and /ready turns 503 while the listener
-    stays open, in-flight requests get up to `drain_timeout` seconds to finish and the rest are aborted (a
-    stream ends with an error event and [DONE]); then uvicorn closes connections and runs the lifespan shutdown.
-    A further signal is uvicorn's: stop waiting, and on a third SIGINT force the exit."""
+    turns /ready 503 at once; `drain_grace` seconds later (time for a balancer's health checks to take the
+    replica out) it stops admitting: new requests get 503 while the listener stays open, in-flight requests get
+    up to `drain_timeout` seconds to finish and the rest are aborted (a stream ends with an error event and
+    [DONE]); then uvicorn closes connections and runs the lifespan shutdown. A further signal is uvicorn's: stop
+    waiting, and on a third SIGINT force the exit."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient | None, drain_timeout: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, client: EngineClient | None, drain_timeout: float, drain_grace: float = 0.0
+    ) -> None:
         super().__init__(config)
         self.client = client
         self.drain_timeout = drain_timeout
-        self.draining = False
+        self.drain_grace = drain_grace
+        self.signalled_at: float | None = None  # first SIGINT/SIGTERM: /ready is 503 from then on
         self.drained: asyncio.Task[None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.signalled_at is not None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.client is None:
             super().handle_exit(sig, frame)
             return
-        self.draining = True
-        self.client.stop_accepting()
+        self.signalled_at = time.monotonic()
+        if self.drain_grace > 0:
+            log.info("draining: /ready is 503; admitting requests for %.1f s more", self.drain_grace)
+        else:
+            self.client.stop_accepting()  # at once, not at the next tick
 
     async def on_tick(self, counter: int) -> bool:
         # NOTE: the drain starts here, on the event loop, rather than in the signal handler.
-        if self.draining and self.drained is None and self.client is not None:
+        if (
+            self.signalled_at is not None
+            and self.drained is None
+            and self.client is not None
+            and time.monotonic() >= self.signalled_at + self.drain_grace
+        ):
             log.info("draining: up to %.1f s for in-flight requests", self.drain_timeout)
+            self.client.stop_accepting()
             self.drained = asyncio.create_task(self.client.drain(self.drain_timeout))
         should_exit = await super().on_tick(counter)
         return should_exit or (self.drained is not None and self.drained.done())
@@ -67,7 +85,7 @@ def serve(settings: Settings) -> None:
         metrics.append(ServerMetrics(loaded.info, loaded.client.load, vllm_names=settings.vllm_metrics))
         server.client = loaded.client
         log.info("serving %s on http://%s:%d", loaded.info.model_name, settings.host, settings.port)
-        return create_app(loaded.client, settings, loaded.tokenizer, metrics[0])
+        return create_app(loaded.client, settings, loaded.tokenizer, metrics[0], draining=lambda: server.draining)
 
     def on_failure(e: BaseException) -> None:
         failure.append(e)
@@ -80,7 +98,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=max(int(settings.shutdown_timeout), 1),
     )
-    server = GracefulServer(config, None, settings.shutdown_timeout)
+    server = GracefulServer(config, None, settings.shutdown_timeout, settings.drain_grace)
     server.run()
     if failure:
         raise failure[0]

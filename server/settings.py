@@ -51,6 +51,11 @@ class Settings:
     max_body_bytes: int = _opt(1 << 20, "largest accepted request body (413 beyond)")
     request_timeout: float = _opt(600.0, "seconds a request may run before it is aborted")
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish on shutdown")
+    drain_grace: float = _opt(
+        0.0,
+        "seconds after SIGTERM that /ready is 503 while requests are still admitted, so a balancer's health "
+        "checks take the replica out before it refuses any (HAProxy as shipped: 3)",
+    )
     default_profile: str = _opt("lossless", "task profile of requests that name none")
     profiles: str | None = _opt(None, "task profiles file (TOML or JSON); default: lossless + one per head in heads")
     vllm_metrics: bool = _opt(
@@ -86,8 +91,8 @@ class Settings:
             raise ValueError("port must be in 1..65535")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be >= 1024")
-        if self.request_timeout <= 0 or self.shutdown_timeout < 0:
-            raise ValueError("request_timeout must be > 0 and shutdown_timeout >= 0")
+        if self.request_timeout <= 0 or self.shutdown_timeout < 0 or self.drain_grace < 0:
+            raise ValueError("request_timeout must be > 0, shutdown_timeout and drain_grace >= 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
         if self.spec_metrics not in SPEC_METRICS:

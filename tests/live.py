@@ -3,6 +3,7 @@ embedded-pair server sized for two busy cores."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -26,10 +27,13 @@ def free_port() -> int:
 class Process:
     """A child in its own session with its output in a file; `stop` sends SIGTERM, then SIGKILL."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
+        environ = {**os.environ, **(env or {})}
         with log.open("wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=environ
+            )
 
     def wait_until(self, url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -56,7 +56,14 @@ class Served:
 
 
 def build_app(
-    target, draft, settings: Settings | None = None, *, heads: bool = False, vllm_names: bool = False, **kwargs: Any
+    target,
+    draft,
+    settings: Settings | None = None,
+    *,
+    heads: bool = False,
+    vllm_names: bool = False,
+    draining: Any = lambda: False,
+    **kwargs: Any,
 ) -> Served:
     gate = Gate()
     judge = HeadJudge({"math": math_head()}) if heads else None
@@ -65,7 +72,7 @@ def build_app(
     )
     metrics = ServerMetrics(client.info(), client.load, vllm_names=vllm_names)
     gate.then = metrics.observe_step
-    app = create_app(client, settings or Settings(), TOKENIZER, metrics)
+    app = create_app(client, settings or Settings(), TOKENIZER, metrics, draining)
     return Served(app, engine, client, metrics, gate)
 
 

@@ -189,3 +189,18 @@ def test_graceful_shutdown_with_a_stream_in_flight(target, draft, in_time):
         assert last["error"]["type"] == "overloaded_error" and "shut down" in last["error"]["message"]
     assert not s.engine.has_unfinished() and s.engine.num_free_slots == 4
     assert s.client.health().num_requests == 0 and not s.client.health().accepting
+
+
+def test_drain_grace_turns_ready_off_first_and_keeps_serving_until_it_ends(target, draft):
+    server: GracefulServer | None = None
+    s = build_app(target, draft, Settings(), draining=lambda: server is not None and server.draining)
+    server = GracefulServer(loopback(s), s.client, drain_timeout=60, drain_grace=600)
+    with running(s, server) as url:
+        server.handle_exit(signal.SIGTERM, None)
+        ready = httpx.get(f"{url}/ready")
+        served = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        server.drain_grace = 0  # the grace ends: the next tick stops admitting and drains
+        wait_for(lambda: not s.client.health().accepting)
+        wait_for(lambda: not any(srv.is_serving() for srv in server.servers))
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+    assert served.status_code == 200  # a balancer that has not noticed yet loses nothing
