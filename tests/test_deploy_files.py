@@ -195,7 +195,7 @@ def test_prometheus_scrapes_the_compose_server():
     compose = load_yaml(COMPOSE)
     datasource = load_yaml(PROVISIONING / "datasources" / "prometheus.yaml")["datasources"][0]
     assert config["global"]["scrape_interval"] == datasource["jsonData"]["timeInterval"] == "5s"
-    [job] = config["scrape_configs"]
+    job, replicas, balancer = config["scrape_configs"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     [target] = [t for c in job["static_configs"] for t in c["targets"]]
     host, port = target.split(":")
@@ -205,6 +205,10 @@ def test_prometheus_scrapes_the_compose_server():
     for name in ("server", "server-cpu"):
         assert any(p.endswith(f":{port}:{port}") for p in services[name]["ports"])
     assert "prometheus.yml:/etc/prometheus/prometheus.yml" in " ".join(services["prometheus"]["volumes"])
+    [sd] = replicas["dns_sd_configs"]
+    assert sd["names"] == ["server-replica"] and "server-replica" in services and sd["port"] == int(port)
+    [lb] = [t for c in balancer["static_configs"] for t in c["targets"]]
+    assert lb == "haproxy:8404" and any(p.endswith(":8404:8404") for p in services["haproxy"]["ports"])
     assert datasource["url"] == "http://prometheus:9090"
 
 
@@ -247,6 +251,20 @@ def test_compose_resolves(profile, server, dockerfile):
     if profile == "gpu":
         [device] = services[server]["deploy"]["resources"]["reservations"]["devices"]
         assert device["capabilities"] == ["gpu"]
+
+
+def test_compose_replicas_profile_puts_haproxy_in_front_with_slots_matched():
+    env = {**os.environ, "REPLICAS": "3", "REPLICA_SLOTS": "6"}
+    argv = [*compose_command(), "-f", str(COMPOSE), "--profile", "replicas", "config"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    replica, lb = services["server-replica"], services["haproxy"]
+    assert replica["deploy"]["replicas"] == 3 and "ports" not in replica  # only the balancer listens outside
+    assert str(replica["environment"]["AUTOJUDGE_MAX_SLOTS"]) == str(lb["environment"]["LB_REPLICA_MAXCONN"]) == "6"
+    assert float(replica["environment"]["AUTOJUDGE_DRAIN_GRACE"]) > 0
+    assert lb["environment"]["LB_REPLICAS_DNS"] == "server-replica"
+    assert any("haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg" in v for v in _volume_specs(lb))
 
 
 def _volume_specs(service: dict[str, Any]) -> list[str]:

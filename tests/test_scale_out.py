@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ REPLICA_ARGS = (
     "3",
 )
 HEADER = "x-autojudge-replica"
+STORM = 200
 PROMPT = "Write the numbers from one to forty, one per line."
 
 
@@ -118,8 +120,8 @@ def stack() -> Iterator[Stack]:
         s = Stack(work, f"http://127.0.0.1:{lb_port}", {"a": free_port(), "b": free_port()})
         config = work / "haproxy.cfg"
         config.write_text(loopback_config(s.ports))
-        env = {"AUTOJUDGE_LB_BIND": f"127.0.0.1:{lb_port}", "AUTOJUDGE_LB_STATS_BIND": f"127.0.0.1:{stats_port}",
-               "AUTOJUDGE_REPLICA_MAXCONN": str(SLOTS)}  # fmt: skip
+        env = {"LB_BIND": f"127.0.0.1:{lb_port}", "LB_STATS_BIND": f"127.0.0.1:{stats_port}",
+               "LB_REPLICA_MAXCONN": str(SLOTS)}  # fmt: skip
         try:
             for name in s.ports:
                 s.start(name)
@@ -134,6 +136,34 @@ def stack() -> Iterator[Stack]:
                 proc.stop()
             if s.balancer is not None:
                 s.balancer.stop()
+
+
+def report(what: str, outcomes: list[Outcome], **extra: object) -> None:
+    """One line of figures for docs/scaling-out.md (shown with `pytest -s`)."""
+    ok = sorted(o.seconds for o in outcomes if o.done)
+    kinds = Counter("ok" if o.done else o.error or f"http {o.status}" for o in outcomes)
+    pct = {q: ok[min(len(ok) - 1, int(q * len(ok)))] for q in (0.5, 0.99)} if ok else {}
+    figures = ", ".join(f"p{int(q * 100)} {v:.2f} s" for q, v in pct.items())
+    more = "".join(f", {k} {v}" for k, v in extra.items())
+    print(f"\nscale-out {what}: {len(outcomes)} requests, {dict(kinds)}, latency of the ok ones {figures}{more}")
+
+
+def restart(stack: Stack, name: str) -> float:
+    """Start `name` again; seconds until the balancer sends it requests."""
+    started = time.monotonic()
+    stack.start(name)
+    stack.replicas[name].wait_until(stack.replica_url(name) + "/ready", START_TIMEOUT)
+    stack.wait_in_rotation(name)
+    return time.monotonic() - started
+
+
+def test_the_shipped_config_is_valid_with_its_defaults():
+    done = subprocess.run([haproxy_binary(), "-c", "-f", str(CONFIG)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    text = CONFIG.read_text()
+    for directive in ("balance leastconn", "option abortonclose", "option http-buffer-request", "uri /ready",
+                      "retry-on conn-failure empty-response 503", "maxconn"):  # fmt: skip
+        assert directive in text, directive
 
 
 @dataclass
@@ -173,6 +203,7 @@ def test_load_spreads_and_a_burst_beyond_capacity_queues_in_the_balancer(stack):
     outcomes = asyncio.run(wave(stack.url, 6 * SLOTS * len(stack.ports), stream=False, max_tokens=12))
     assert all(o.done for o in outcomes), stack.why(outcomes)  # no 429, no 503
     by_replica = Counter(o.replica for o in outcomes)
+    report("burst of 6x capacity", outcomes, per_replica=dict(by_replica))
     assert set(by_replica) == set(stack.ports) and min(by_replica.values()) >= len(outcomes) // 4, by_replica
     assert sum(stack.served(n) - before[n] for n in stack.ports) == len(outcomes)
 
@@ -185,9 +216,7 @@ def test_sigterm_drains_a_replica_with_no_failed_request_and_it_rejoins(stack):
     outcomes = asyncio.run(wave(stack.url, 4 * SLOTS, stream=True, max_tokens=32, during=terminate))
     assert all(o.done for o in outcomes), stack.why(outcomes)
     assert stack.replicas["a"].proc.wait(60) == 0  # drained, then exited cleanly
-    stack.start("a")
-    stack.replicas["a"].wait_until(stack.replica_url("a") + "/ready", START_TIMEOUT)
-    stack.wait_in_rotation("a")
+    report("SIGTERM one replica under streaming load", outcomes, rejoined_after_restart_s=round(restart(stack, "a"), 1))
 
 
 def test_kill_9_fails_only_the_streams_it_cut_and_retries_the_rest(stack):
@@ -210,9 +239,8 @@ def test_kill_9_fails_only_the_streams_it_cut_and_retries_the_rest(stack):
     # A stream that had begun on the killed replica ends with a transport error, promptly; no other fails.
     assert all(o.replica == "a" and o.error is not None and o.seconds < 60 for o in failed), stack.why(outcomes)
     stack.replicas["a"].proc.wait(10)
-    stack.start("a")
-    stack.replicas["a"].wait_until(stack.replica_url("a") + "/ready", START_TIMEOUT)
-    stack.wait_in_rotation("a")
+    recovery = restart(stack, "a")
+    report("kill -9 one replica under mixed load", outcomes, rejoined_after_restart_s=round(recovery, 1))
 
 
 async def abandoned(http: httpx.AsyncClient, rng: random.Random, i: int) -> None:
@@ -238,7 +266,9 @@ def test_a_disconnect_storm_through_the_balancer_leaves_no_slot_behind(stack):
 
             await asyncio.gather(*(one(i) for i in range(n)))
 
-    asyncio.run(storm(200))
+    started = time.monotonic()
+    asyncio.run(storm(STORM))
+    print(f"\nscale-out storm: {STORM} streams abandoned through the balancer in {time.monotonic() - started:.1f} s")
     deadline = time.monotonic() + 30
     while any(stack.running(n) for n in stack.ports) and time.monotonic() < deadline:
         time.sleep(0.2)
