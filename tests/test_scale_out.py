@@ -46,7 +46,7 @@ REPLICA_ARGS = (
     "3",
 )
 HEADER = "x-autojudge-replica"
-STORM = 200
+STORM = 500
 PROMPT = "Write the numbers from one to forty, one per line."
 
 
