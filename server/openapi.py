@@ -141,13 +141,6 @@ class ChatCompletion(Closed):
     metrics: RequestMetrics | None = None
 
 
-class CompletionChunkChoice(Closed):
-    index: int
-    text: str
-    logprobs: None
-    finish_reason: FinishReason | None
-
-
 class CompletionChunk(Closed):
     """One `data:` event of a streamed completion. The last chunk carries `metrics` (with `include_usage`, an
     extra chunk with no choices carries `usage` and `metrics`); `data: [DONE]` ends the stream."""
@@ -156,7 +149,7 @@ class CompletionChunk(Closed):
     object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChunkChoice]
+    choices: list[CompletionChoice]  # a chunk's text is the new text only
     usage: Usage | None = None
     metrics: RequestMetrics | None = None
 

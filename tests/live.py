@@ -4,6 +4,7 @@ embedded-pair server sized for two busy cores."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,18 @@ class Process:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS line")
+
+
+def deploy_tool(name: str, package: str, path: str | None = None) -> str:
+    """The binary of a Debian package the deployment tests need; skipped when absent, except in CI
+    (AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1), where that is a failure."""
+    found = shutil.which(name) or shutil.which(name, path=path or "/usr/sbin:/sbin")
+    if found is None:
+        reason = f"no `{name}` binary (Debian package `{package}`)"
+        if os.environ.get("AUTOJUDGE_REQUIRE_DEPLOY_TOOLS") == "1":
+            pytest.fail(reason + " while AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1")
+        pytest.skip(reason)
+    return found
 
 
 def embedded_server(port: int, model: str, *args: str) -> list[str]:

@@ -7,8 +7,6 @@ it is absent, unless AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1 (CI), which turns the skip
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from engine.model.assets import find_smollm2_gguf
-from live import START_TIMEOUT, Process, embedded_server, free_port
+from live import START_TIMEOUT, Process, deploy_tool, embedded_server, free_port
 from test_deploy_files import DASHBOARDS, dashboard_queries, substitute
 
 pytestmark = pytest.mark.embedded
@@ -28,13 +26,7 @@ QUESTION = "Tom has 3 boxes with 4 pens each. How many pens does he have?"
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        reason = "no `prometheus` binary (Debian package `prometheus`)"
-        if os.environ.get("AUTOJUDGE_REQUIRE_DEPLOY_TOOLS") == "1":
-            pytest.fail(reason + " while AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1")
-        pytest.skip(reason)
-    return path
+    return deploy_tool("prometheus", "prometheus")
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1 (CI), which turns the skip into a failure. Figu
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -27,7 +25,7 @@ import httpx
 import pytest
 
 from engine.model.assets import find_smollm2_gguf
-from live import START_TIMEOUT, Process, embedded_server, free_port
+from live import START_TIMEOUT, Process, deploy_tool, embedded_server, free_port
 from test_server_api import sample
 
 pytestmark = pytest.mark.embedded
@@ -51,13 +49,7 @@ PROMPT = "Write the numbers from one to forty, one per line."
 
 
 def haproxy_binary() -> str:
-    path = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
-    if path is None:
-        reason = "no `haproxy` binary (Debian package `haproxy`)"
-        if os.environ.get("AUTOJUDGE_REQUIRE_DEPLOY_TOOLS") == "1":
-            pytest.fail(reason + " while AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1")
-        pytest.skip(reason)
-    return path
+    return deploy_tool("haproxy", "haproxy")
 
 
 def loopback_config(ports: dict[str, int]) -> str:
@@ -102,11 +94,15 @@ class Stack:
         """Seconds until requests through the balancer reach `name` again."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
-            r = httpx.post(self.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
-            if r.status_code == 200 and r.headers.get(HEADER) == name:
-                return time.monotonic() - started
+            assert self.balancer is not None and self.balancer.proc.poll() is None, self.why([])
+            try:
+                r = httpx.post(self.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+                if r.status_code == 200 and r.headers.get(HEADER) == name:
+                    return time.monotonic() - started
+            except httpx.TransportError:
+                pass  # the balancer is not listening yet
             time.sleep(0.2)
-        pytest.fail(f"{name} did not rejoin the balancer within {timeout:.0f} s")
+        pytest.fail(f"{name} did not rejoin the balancer within {timeout:.0f} s\n{self.why([])}")
 
 
 @pytest.fixture(scope="module")
