@@ -170,11 +170,9 @@ class Engine:
         if self.on_step is not None:
             self.on_step(
                 StepStats(
-                    num_running=len(self.scheduler.running),
-                    num_waiting=len(self.scheduler.waiting),
+                    load=self.load,
                     num_prefill_tokens=num_prefill,
                     num_generated_tokens=emitted,
-                    kv_usage=self._kv_usage(),
                     seconds_prefill=t1 - t0,
                     seconds_plan=t_plan - t1 + t6 - t5,
                     seconds_draft=t2 - t_plan,

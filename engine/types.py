@@ -154,11 +154,9 @@ class EngineLoad:
 class StepStats:
     """One engine step, for metrics: load, timings and each speculating row's cycle."""
 
-    num_running: int
-    num_waiting: int
+    load: EngineLoad  # as the step left it
     num_prefill_tokens: int  # prompt tokens computed; a reused slot prefix is not counted
     num_generated_tokens: int
-    kv_usage: float  # Σ committed lengths / (slots · positions per slot)
     seconds_prefill: float
     seconds_plan: float  # the `auto` window planner: choosing, then learning from the step
     seconds_draft: float

@@ -260,9 +260,9 @@ class Version(Closed):
 
 
 # Not a route's declared body or return value, so FastAPI does not list them itself.
+BODIES: tuple[type[BaseModel], ...] = (CompletionRequest, ChatCompletionRequest)
 UNREFERENCED: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
-    (CompletionRequest, "validation"),
-    (ChatCompletionRequest, "validation"),
+    *((m, "validation") for m in BODIES),
     (CompletionChunk, "serialization"),
     (ChatCompletionChunk, "serialization"),
 )
@@ -291,7 +291,7 @@ def install(app: FastAPI, info: EngineInfo, api_key: bool, description: str) -> 
             _, extra = models_json_schema(UNREFERENCED, ref_template=REF)
             for name, schema in extra["$defs"].items():
                 schemas.setdefault(name, schema)  # a model FastAPI listed too: the same, minus null defaults
-            for model, _ in UNREFERENCED[:2]:
+            for model in BODIES:
                 fields = schemas[model.__name__]["properties"]
                 branch(fields["num_speculative_tokens"], "integer")["maximum"] = info.max_speculative_tokens
                 if "prompt" in fields:

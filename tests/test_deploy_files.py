@@ -86,18 +86,17 @@ def exported() -> tuple[dict[str, set[str]], dict[str, str]]:
         bonus_token=True,
         profiles=profiles,
     )
-    metrics = ServerMetrics(info, lambda: EngineLoad(1, 0, 2, 0.1))
+    load = EngineLoad(1, 0, 2, 0.1)
+    metrics = ServerMetrics(info, lambda: load)
     window = {"num_spec_steps": 1, "num_draft_tokens": 4}
     exact = SpecCounts(**window, num_accepted_tokens=2, num_recovered=1, accepted_per_pos=(1, 1, 0, 0))
     judged = SpecCounts(
         **window, num_accepted_tokens=4, num_judge_accepted=1, num_judged=1, num_bonus=1, accepted_per_pos=(1,) * 4
     )
     step = StepStats(
-        num_running=2,
-        num_waiting=0,
+        load=load,
         num_prefill_tokens=10,
         num_generated_tokens=8,
-        kv_usage=0.1,
         seconds_prefill=0.01,
         seconds_plan=0.0001,
         seconds_draft=0.01,
