@@ -120,6 +120,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         t0 = self.clock()
         batch = self.scheduler.schedule()
+        queried = sum(s.num_prompt_tokens for s in batch.prefill)
+        hits = sum(s.target_len for s in batch.prefill)  # set by the scheduler from the slot's retained tokens
         num_prefill = self._prefill(batch.prefill)
         seqs = batch.running
         t1 = self.clock()
@@ -172,6 +174,8 @@ class Engine:
                 StepStats(
                     load=self.load,
                     num_prefill_tokens=num_prefill,
+                    num_prefix_query_tokens=queried,
+                    num_prefix_hit_tokens=hits,
                     num_generated_tokens=emitted,
                     seconds_prefill=t1 - t0,
                     seconds_plan=t_plan - t1 + t6 - t5,

@@ -62,17 +62,24 @@ class Scheduler:
         return ScheduledBatch(prefill=admitted, running=list(self.running))
 
     def _assign_slot(self, seq: Sequence) -> None:
-        """Give `seq` the free slot whose retained tokens share the longest prefix with its prompt, and set how
-        many prompt positions it can reuse there. Prompt tokens beyond the retained valid lengths are recomputed;
-        the last prompt token is always fed by the first cycle."""
+        """Give `seq` the free slot that saves the most work, and set how many prompt positions it can reuse there.
+
+        Reusing `shared` retained positions saves computing them now; overwriting the slot loses the rest of what it
+        retained, which only a later request might have used, so that loss counts half: a slot scores
+        `shared - (retained - shared) / 2`, and an empty slot 0. So a long prefix of another prompt is not given up
+        for its first few tokens, while a repeated prompt or the next turn of a chat lands on its slot. Ties go to the
+        longer reuse, then to the least recently freed slot. Prompt tokens beyond the retained valid lengths are
+        recomputed; the last prompt token is always fed by the first cycle."""
         prompt = seq.token_ids[:-1]
-        best, best_len = self.free_slots[-1], 0
-        for slot in reversed(self.free_slots):
+        candidates = []  # (2 x score, shared, recency order, slot)
+        for i, slot in enumerate(self.free_slots):
             kept = self.retained.get(slot)
-            if kept is not None:
+            if kept is None:
+                candidates.append((0, 0, i, slot))  # the last in the list first: slot 0 at start
+            else:
                 shared = _common_prefix(kept[0], prompt, kept[1])
-                if shared > best_len:
-                    best, best_len = slot, shared
+                candidates.append((3 * shared - kept[1], shared, -i, slot))
+        _, best_len, _, best = max(candidates)
         self.free_slots.remove(best)
         seq.slot = best
         kept = self.retained.pop(best, None)

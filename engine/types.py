@@ -156,6 +156,8 @@ class StepStats:
 
     load: EngineLoad  # as the step left it
     num_prefill_tokens: int  # prompt tokens computed; a reused slot prefix is not counted
+    num_prefix_query_tokens: int  # prompt tokens of the requests admitted this step
+    num_prefix_hit_tokens: int  # of those, the positions a slot still held from an earlier request
     num_generated_tokens: int
     seconds_prefill: float
     seconds_plan: float  # the `auto` window planner: choosing, then learning from the step

@@ -221,6 +221,12 @@ class ServerMetrics:
         self.batch_size.labels(self.model_name).set_function(lambda: load().batch_size)
         self.kv_usage.labels(self.model_name).set_function(lambda: load().kv_usage)
         self.prompt_tokens = Counter("autojudge_prompt_tokens", "Prompt tokens", mp, registry=r)
+        self.prefix_queries = Counter(
+            "autojudge_prefix_cache_queries", "Prompt tokens of admitted requests, looked up in slots", m, registry=r
+        )
+        self.prefix_hits = Counter(
+            "autojudge_prefix_cache_hits", "Prompt tokens a slot still held from an earlier request", m, registry=r
+        )
         self.generation_tokens = Counter("autojudge_generation_tokens", "Generated tokens", mp, registry=r)
         self.success = Counter("autojudge_request_success", "Finished requests", [*mp, "finished_reason"], registry=r)
         self.http_requests = Counter("http_requests", "HTTP requests", ["handler", "method", "status"], registry=r)
@@ -256,6 +262,9 @@ class ServerMetrics:
             return
         name = self.model_name
         self.step_seconds.labels(name).observe(stats.seconds_step)
+        if stats.num_prefix_query_tokens:
+            self.prefix_queries.labels(name).inc(stats.num_prefix_query_tokens)
+            self.prefix_hits.labels(name).inc(stats.num_prefix_hit_tokens)
         for phase in PHASES:
             self.phase_seconds.labels(name, phase).inc(getattr(stats, f"seconds_{phase}"))
         for w, profile in zip(stats.windows, stats.window_profiles, strict=True):
@@ -318,6 +327,8 @@ class VllmAliases(Collector):
             yield g
         yield summed("vllm:prompt_tokens", "Prompt tokens", self.metrics.prompt_tokens, name, ())
         yield summed("vllm:generation_tokens", "Generated tokens", self.metrics.generation_tokens, name, ())
+        yield summed("vllm:prefix_cache_queries", "Prompt tokens looked up", self.metrics.prefix_queries, name, ())
+        yield summed("vllm:prefix_cache_hits", "Prompt tokens reused", self.metrics.prefix_hits, name, ())
         yield summed("vllm:request_success", "Finished requests", self.metrics.success, name, ("finished_reason",))
 
 

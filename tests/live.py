@@ -1,5 +1,5 @@
-"""Real processes on loopback for the live tests: a free port, a child process with its log, and the argv of an
-embedded-pair server sized for two busy cores."""
+"""Real processes on loopback for the live tests: a free port, a child process with its log, the argv of an
+embedded-pair server sized for two busy cores, and a set of such servers as replicas."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import pytest
+
+from test_server_api import sample
 
 START_TIMEOUT = 240.0  # loading + warm-up of the embedded pair on 2 busy cores
 STOP_TIMEOUT = 30.0
@@ -69,15 +73,19 @@ class Process:
         raise RuntimeError("no VmRSS line")
 
 
+def missing(reason: str) -> NoReturn:
+    """A deployment tool the test needs is absent: a skip, except in CI (AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1), where
+    it is a failure."""
+    if os.environ.get("AUTOJUDGE_REQUIRE_DEPLOY_TOOLS") == "1":
+        pytest.fail(reason + " while AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1")
+    pytest.skip(reason)
+
+
 def deploy_tool(name: str, package: str, path: str | None = None) -> str:
-    """The binary of a Debian package the deployment tests need; skipped when absent, except in CI
-    (AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1), where that is a failure."""
+    """The binary of a Debian package the deployment tests need."""
     found = shutil.which(name) or shutil.which(name, path=path or "/usr/sbin:/sbin")
     if found is None:
-        reason = f"no `{name}` binary (Debian package `{package}`)"
-        if os.environ.get("AUTOJUDGE_REQUIRE_DEPLOY_TOOLS") == "1":
-            pytest.fail(reason + " while AUTOJUDGE_REQUIRE_DEPLOY_TOOLS=1")
-        pytest.skip(reason)
+        missing(f"no `{name}` binary (Debian package `{package}`)")
     return found
 
 
@@ -86,3 +94,50 @@ def embedded_server(port: int, model: str, *args: str) -> list[str]:
     serve = str(Path(sys.executable).parent / "autojudge-serve")
     argv = [serve, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", model]
     return [*argv, "--max-slots", "4", "--max-model-len", "512", "--threads", "1", "--log-level", "warning", *args]
+
+
+@dataclass
+class Replicas:
+    """Named embedded-pair servers on loopback, each restartable on its own port; read through their metrics."""
+
+    work: Path
+    model: str
+    args: tuple[str, ...]
+    ports: dict[str, int]
+    procs: dict[str, Process] = field(default_factory=dict)
+
+    def start(self, name: str) -> None:
+        argv = embedded_server(self.ports[name], self.model, *self.args)
+        self.procs[name] = Process(argv, self.work / f"{name}-{time.monotonic_ns()}.log")
+
+    def start_all(self) -> None:
+        for name in self.ports:
+            self.start(name)
+        for name in self.ports:
+            self.wait_ready(name)
+
+    def wait_ready(self, name: str) -> None:
+        self.procs[name].wait_until(self.url(name) + "/ready", START_TIMEOUT)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def metric(self, name: str, series: str, **labels: str) -> float:
+        """One sample of a replica's `/metrics`, summed over the label values not given."""
+        text = httpx.get(self.url(name) + "/metrics", timeout=10).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith((series + "{", series + " ")):
+                total += sample(line, series, **labels)
+        return total
+
+    def served(self, name: str) -> float:
+        """Requests a replica has finished."""
+        return self.metric(name, "autojudge_request_success_total")
+
+    def running(self, name: str) -> float:
+        return self.metric(name, "autojudge_num_requests_running", model_name=self.model)

@@ -96,6 +96,8 @@ def exported() -> tuple[dict[str, set[str]], dict[str, str]]:
     step = StepStats(
         load=load,
         num_prefill_tokens=10,
+        num_prefix_query_tokens=14,
+        num_prefix_hit_tokens=4,
         num_generated_tokens=8,
         seconds_prefill=0.01,
         seconds_plan=0.0001,

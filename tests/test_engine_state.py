@@ -11,6 +11,7 @@ from conftest import VOCAB, make_engine, perturbed, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.model.protocol import ForwardBatch
 from engine.scheduler import QueueFullError
+from engine.types import StepStats
 
 
 def fresh_next_logits(model, ids):
@@ -211,21 +212,39 @@ def test_cached_forward_matches_full_forward_for_any_slot_layout(target, slots):
 
 def test_a_slot_prefix_is_reused_and_outputs_do_not_change(target, draft):
     """A request that extends a finished one lands on its slot and computes only the new prompt tokens."""
-    prefills: list[int] = []
-    engine = make_engine(target, draft, slots=2, on_step=lambda s: prefills.append(s.num_prefill_tokens))
+    steps: list[StepStats] = []
+    engine = make_engine(target, draft, slots=2, on_step=steps.append)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     first = Request("a", (5, 9, 13, 2, 77, 31, 8), params)
     tokens, _ = run_all(engine, [first])
+    assert (steps[0].num_prefix_query_tokens, steps[0].num_prefix_hit_tokens) == (7, 0)
     follow = (*first.prompt_token_ids, *tokens["a"][:6], 41, 42)  # new tokens after a shared prefix
-    prefills.clear()
+    steps.clear()
     got, finals = run_all(engine, [Request("b", follow, params, SpecParams(num_speculative_tokens=3))])
-    assert prefills[0] == 1  # only the new token before the last; 13 positions came from the slot
+    assert steps[0].num_prefill_tokens == 1  # only the new token before the last; 13 positions came from the slot
+    assert (steps[0].num_prefix_query_tokens, steps[0].num_prefix_hit_tokens) == (15, 13)
+    assert all(s.num_prefix_query_tokens == 0 for s in steps[1:])  # counted at admission only
     fresh, _ = run_all(
         make_engine(target, draft, slots=2), [Request("b", follow, params, SpecParams(num_speculative_tokens=3))]
     )
     assert got == fresh
     plain, _ = run_all(make_engine(target, None), [Request("b", follow, params)])
     assert got == plain and finals["b"].finish_reason == "length"
+
+
+def test_a_retained_prefix_is_not_given_up_for_another_prompts_first_token(target, draft):
+    """Two prompts that share only their first token keep a slot each, so both are reused when they come back,
+    in either order; with no empty slot left, the prompt goes where its prefix is."""
+    steps: list[StepStats] = []
+    engine = make_engine(target, draft, slots=3, on_step=steps.append)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    a, b, c = (5, 9, 13, 2, 77, 31, 8), (5, 40, 41, 42, 43, 44, 45), (6, 50, 51, 52, 53, 54, 55)
+    hits: list[int] = []
+    for i, prompt in enumerate((a, b, c, b, a, c, a)):
+        steps.clear()
+        run_all(engine, [Request(str(i), prompt, params)])
+        hits.append(steps[0].num_prefix_hit_tokens)
+    assert hits == [0, 0, 0, 6, 6, 6, 6]
 
 
 def test_without_prefix_reuse_every_prompt_is_computed_again(target, draft):

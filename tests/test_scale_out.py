@@ -18,15 +18,14 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
 from engine.model.assets import find_smollm2_gguf
-from live import START_TIMEOUT, Process, deploy_tool, embedded_server, free_port
-from test_server_api import sample
+from live import Process, Replicas, deploy_tool, free_port
 
 pytestmark = pytest.mark.embedded
 
@@ -62,33 +61,14 @@ def loopback_config(ports: dict[str, int]) -> str:
 
 @dataclass
 class Stack:
-    work: Path
+    replicas: Replicas
     url: str
-    ports: dict[str, int]
-    replicas: dict[str, Process] = field(default_factory=dict)
     balancer: Process | None = None
 
     def why(self, outcomes: list[Outcome]) -> str:
         """A failed assertion's message: the outcomes and the balancer's log."""
         log = self.balancer.tail(30) if self.balancer is not None else ""
         return f"{Counter((o.status, o.replica, o.error) for o in outcomes)}\n{log}"
-
-    def start(self, name: str) -> None:
-        argv = embedded_server(self.ports[name], MODEL, *REPLICA_ARGS)
-        self.replicas[name] = Process(argv, self.work / f"{name}-{time.monotonic_ns()}.log")
-
-    def replica_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
-
-    def served(self, name: str) -> float:
-        """Requests a replica has finished, by its own metrics."""
-        text = httpx.get(self.replica_url(name) + "/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("autojudge_request_success_total{"))  # fmt: skip
-
-    def running(self, name: str) -> float:
-        text = httpx.get(self.replica_url(name) + "/metrics", timeout=10).text
-        return sample(text, "autojudge_num_requests_running", model_name=MODEL)
 
     def wait_in_rotation(self, name: str, timeout: float = 60.0) -> float:
         """Seconds until requests through the balancer reach `name` again."""
@@ -113,23 +93,20 @@ def stack() -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="autojudge-lb-") as tmp:
         work = Path(tmp)
         lb_port, stats_port = free_port(), free_port()
-        s = Stack(work, f"http://127.0.0.1:{lb_port}", {"a": free_port(), "b": free_port()})
+        replicas = Replicas(work, MODEL, REPLICA_ARGS, {"a": free_port(), "b": free_port()})
+        s = Stack(replicas, f"http://127.0.0.1:{lb_port}")
         config = work / "haproxy.cfg"
-        config.write_text(loopback_config(s.ports))
+        config.write_text(loopback_config(replicas.ports))
         env = {"LB_BIND": f"127.0.0.1:{lb_port}", "LB_STATS_BIND": f"127.0.0.1:{stats_port}",
                "LB_REPLICA_MAXCONN": str(SLOTS)}  # fmt: skip
         try:
-            for name in s.ports:
-                s.start(name)
-            for name, proc in s.replicas.items():
-                proc.wait_until(s.replica_url(name) + "/ready", START_TIMEOUT)
+            replicas.start_all()
             s.balancer = Process([binary, "-W", "-db", "-f", str(config)], work / "haproxy.log", env=env)
-            for name in s.ports:
+            for name in replicas.ports:
                 s.wait_in_rotation(name)
             yield s
         finally:
-            for proc in s.replicas.values():
-                proc.stop()
+            replicas.stop_all()
             if s.balancer is not None:
                 s.balancer.stop()
 
@@ -147,8 +124,8 @@ def report(what: str, outcomes: list[Outcome], **extra: object) -> None:
 def restart(stack: Stack, name: str) -> float:
     """Start `name` again; seconds until the balancer sends it requests."""
     started = time.monotonic()
-    stack.start(name)
-    stack.replicas[name].wait_until(stack.replica_url(name) + "/ready", START_TIMEOUT)
+    stack.replicas.start(name)
+    stack.replicas.wait_ready(name)
     stack.wait_in_rotation(name)
     return time.monotonic() - started
 
@@ -195,23 +172,23 @@ async def wave(url: str, n: int, stream: bool, max_tokens: int, during=None) -> 
 
 
 def test_load_spreads_and_a_burst_beyond_capacity_queues_in_the_balancer(stack):
-    before = {name: stack.served(name) for name in stack.ports}
-    outcomes = asyncio.run(wave(stack.url, 6 * SLOTS * len(stack.ports), stream=False, max_tokens=12))
+    before = {name: stack.replicas.served(name) for name in stack.replicas.ports}
+    outcomes = asyncio.run(wave(stack.url, 6 * SLOTS * len(stack.replicas.ports), stream=False, max_tokens=12))
     assert all(o.done for o in outcomes), stack.why(outcomes)  # no 429, no 503
     by_replica = Counter(o.replica for o in outcomes)
     report("burst of 6x capacity", outcomes, per_replica=dict(by_replica))
-    assert set(by_replica) == set(stack.ports) and min(by_replica.values()) >= len(outcomes) // 4, by_replica
-    assert sum(stack.served(n) - before[n] for n in stack.ports) == len(outcomes)
+    assert set(by_replica) == set(stack.replicas.ports) and min(by_replica.values()) >= len(outcomes) // 4, by_replica
+    assert sum(stack.replicas.served(n) - before[n] for n in stack.replicas.ports) == len(outcomes)
 
 
 def test_sigterm_drains_a_replica_with_no_failed_request_and_it_rejoins(stack):
     def terminate() -> None:
         time.sleep(1.0)  # every request admitted somewhere
-        stack.replicas["a"].proc.send_signal(signal.SIGTERM)
+        stack.replicas.procs["a"].proc.send_signal(signal.SIGTERM)
 
     outcomes = asyncio.run(wave(stack.url, 4 * SLOTS, stream=True, max_tokens=32, during=terminate))
     assert all(o.done for o in outcomes), stack.why(outcomes)
-    assert stack.replicas["a"].proc.wait(60) == 0  # drained, then exited cleanly
+    assert stack.replicas.procs["a"].proc.wait(60) == 0  # drained, then exited cleanly
     report("SIGTERM one replica under streaming load", outcomes, rejoined_after_restart_s=round(restart(stack, "a"), 1))
 
 
@@ -220,7 +197,7 @@ def test_kill_9_fails_only_the_streams_it_cut_and_retries_the_rest(stack):
 
     def kill() -> None:
         time.sleep(1.0 + rng.random())
-        stack.replicas["a"].proc.kill()
+        stack.replicas.procs["a"].proc.kill()
 
     async def mixed() -> list[Outcome]:
         async with httpx.AsyncClient(base_url=stack.url, timeout=httpx.Timeout(120.0)) as http:
@@ -234,7 +211,7 @@ def test_kill_9_fails_only_the_streams_it_cut_and_retries_the_rest(stack):
     assert all(o.done for i, o in enumerate(outcomes) if i % 2 == 1), stack.why(outcomes)
     # A stream that had begun on the killed replica ends with a transport error, promptly; no other fails.
     assert all(o.replica == "a" and o.error is not None and o.seconds < 60 for o in failed), stack.why(outcomes)
-    stack.replicas["a"].proc.wait(10)
+    stack.replicas.procs["a"].proc.wait(10)
     recovery = restart(stack, "a")
     report("kill -9 one replica under mixed load", outcomes, rejoined_after_restart_s=round(recovery, 1))
 
@@ -266,10 +243,10 @@ def test_a_disconnect_storm_through_the_balancer_leaves_no_slot_behind(stack):
     asyncio.run(storm(STORM))
     print(f"\nscale-out storm: {STORM} streams abandoned through the balancer in {time.monotonic() - started:.1f} s")
     deadline = time.monotonic() + 30
-    while any(stack.running(n) for n in stack.ports) and time.monotonic() < deadline:
+    while any(stack.replicas.running(n) for n in stack.replicas.ports) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert all(stack.running(n) == 0 for n in stack.ports)
-    for name in stack.ports:
-        assert httpx.get(stack.replica_url(name) + "/ready", timeout=10).json()["num_requests"] == 0
+    assert all(stack.replicas.running(n) == 0 for n in stack.replicas.ports)
+    for name in stack.replicas.ports:
+        assert httpx.get(stack.replicas.url(name) + "/ready", timeout=10).json()["num_requests"] == 0
     ok = httpx.post(stack.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200

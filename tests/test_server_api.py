@@ -756,6 +756,7 @@ def test_vllm_names_alias_the_load_and_token_series_for_routers(target, draft):
             s.gate.release()
             await held
             await http.post("/v1/completions", json=OK | {"task_profile": "math"})
+            await http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})  # its slot kept it
             return before, during, (await http.get("/metrics")).text
 
     before, during, after = run(scenario)
@@ -771,7 +772,11 @@ def test_vllm_names_alias_the_load_and_token_series_for_routers(target, draft):
                          ("autojudge_generation_tokens_total", "vllm:generation_tokens_total")):  # fmt: skip
         per_profile = [sample(after, ours, task_profile=p, **model) for p in ("lossless", "math")]
         assert all(per_profile) and sample(after, theirs, **model) == sum(per_profile)
-    assert sample(after, "vllm:request_success_total", finished_reason="length", **model) == 2
+    assert sample(after, "vllm:request_success_total", finished_reason="length", **model) == 3
+    queries, hits = (sample(after, f"vllm:prefix_cache_{kind}_total", **model) for kind in ("queries", "hits"))
+    assert queries == sample(after, "autojudge_prefix_cache_queries_total", **model)
+    assert queries == sample(after, "vllm:prompt_tokens_total", **model)
+    assert hits == sample(after, "autojudge_prefix_cache_hits_total", **model) > 0
 
 
 def test_vllm_names_are_off_by_default(target, draft):
