@@ -164,6 +164,9 @@ class PlannerConfig:
     probe_budget: float = 0.02  # share of step time later probes may cost, on average
     guard_steps: int = 32  # drafting steps the guard sums before it compares them with plain decoding
     backoff_steps: int = 32  # steps without drafting after the guard trips (doubles while it keeps tripping)
+    # A step that admits requests drafts for no row (fixed windows excepted): the new requests' first tokens then
+    # wait for a target-only step, not for a verify over K+1 positions of the rows already running.
+    plain_admission: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prior_alpha < 1.0:

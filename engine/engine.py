@@ -133,11 +133,12 @@ class Engine:
         plan, planned = None, []
         if self.autowindow is not None:
             admitted = {id(s) for s in batch.prefill}  # their first token costs what target-only decoding costs
+            plain = bool(admitted) and self.config.spec.planner.plain_admission  # ... and no one else's verify
             planned = [
                 RowInput(
                     s.request_id,
                     planner_key(s),
-                    0 if id(s) in admitted else w,
+                    0 if plain or id(s) in admitted else w,
                     catch_up_tokens(s),
                     s.request.spec.fixed_window,
                 )

@@ -97,6 +97,20 @@ def test_a_rows_first_step_never_drafts(target, draft) -> None:
     assert stats[0].windows == (0,) and stats[1].windows[0] > 0
 
 
+@pytest.mark.parametrize("plain_admission", [True, False])
+def test_a_step_that_admits_a_request_drafts_for_no_row(target, draft, plain_admission) -> None:
+    """So a new request's first token waits for a target-only step, not a verify of the running rows' windows."""
+    stats: list[StepStats] = []
+    planner = PlannerConfig(plain_admission=plain_admission)
+    engine = auto_engine(target, draft, DRAFTS_PAY, on_step=stats.append, planner=planner)
+    first, late = requests(prompts(2, seed=5), width=8)
+    run_all(engine, [first], join_at={4: [late]})
+    admitting = stats[4]
+    assert len(admitting.windows) == 2 and admitting.windows[1] == 0  # the newcomer never drafts at once
+    assert (admitting.windows[0] == 0) == plain_admission, admitting.windows
+    assert stats[3].windows[0] > 0 and stats[5].windows[0] > 0  # the running row drafts before and after
+
+
 def test_a_planner_that_never_drafts_runs_no_draft_forward(target, draft, reference) -> None:
     engine = auto_engine(target, draft, NEVER_PAYS, planner=PlannerConfig(probe_every=0))
     assert engine.draft is not None
