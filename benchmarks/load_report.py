@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_GSM8K_DIR)
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument(
+        "--reuse-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's prefix reuse; off, every TTFT is a full prefill, not what earlier cells left in the slots",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/load-report"), help="writes OUT.json and OUT.md")
     return p.parse_args(argv)
 
@@ -193,7 +199,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         f"- **Machine:** {m['cpu']}, {m['cpus']} CPUs, no GPU; Python {m['python']}, torch {m['torch']}; "
         f"commit `{m['commit']}`. Load average (1 min) {meta['load_average'][0]:.2f} before the run and "
         f"{meta['load_average'][1]:.2f} after it.",
-        f"- **Server:** `autojudge-serve {' '.join(SERVER_ARGS)}` (float32, max_model_len 2048, 16 KV slots, "
+        f"- **Server:** `autojudge-serve {' '.join(meta['server_args'])}` (float32, max_model_len 2048, 16 KV slots, "
         f"window cap 8), target `{meta['server']['version']['model']}`, draft `{meta['server']['version']['draft']}`.",
         f"- **Judge head** (`math` profile): sha256 `{judge['head_sha256']}`, layout {judge['layout']}, default "
         f"τ = {judge['judge_threshold']:.3f}.",
@@ -327,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = load_problems("gsm8k-test", data_dir=args.data_dir)[: args.prompts]
     prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
     load_before = os.getloadavg()[0]
-    server = Server(SERVER_ARGS)
+    server_args = [*SERVER_ARGS, *([] if args.reuse_prefix else ["--no-reuse-prefix"])]
+    server = Server(server_args)
     print(f"server log: {server.log}", file=sys.stderr)
     try:
         info, cells = asyncio.run(measure(args, server, prompts))
@@ -338,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "load_average": [load_before, os.getloadavg()[0]],
         "server": info,
-        "server_args": SERVER_ARGS,
+        "server_args": server_args,
         "args": vars(args),
     }
     meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in meta["args"].items()}
