@@ -2,10 +2,11 @@
 Helm's Go SDK) and each core manifest validated against the Kubernetes OpenAPI schemas that kubernetes-validate
 ships; the CRD manifests (KEDA ScaledObject, ServiceMonitor) are checked field by field. Also checked: the
 environment is settings the server accepts, the probes and grace period fit the server's loading and drain, and
-bad values fail with a message. No cluster is contacted."""
+bad values fail against values.schema.json, naming the value. No cluster is contacted."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,15 @@ def test_hpa_scales_on_waiting_requests_per_pod():
 
 
 @pytest.mark.parametrize(
-    ("values", "message"),
-    [({"device": "tpu"}, "device must be cpu or gpu"), ({"autoscaling": {"mode": "vpa"}}, "autoscaling.mode must")],
+    ("values", "where"),
+    [
+        ({"device": "tpu"}, "/device"),
+        ({"autoscaling": {"mode": "vpa"}}, "/autoscaling/mode"),
+        ({"replicaCount": "two"}, "/replicaCount"),
+        ({"server": {"maxSlots": 0}}, "/server/maxSlots"),
+        ({"sever": {"maxSlots": 4}}, "'sever' not allowed"),  # a typo is an error, not a silent default
+    ],
 )
-def test_bad_values_fail_with_a_message(values, message):
-    with pytest.raises(Exception, match=message):
+def test_bad_values_fail_naming_the_value(values, where):
+    with pytest.raises(Exception, match=re.escape(where)):
         render(values)
