@@ -333,6 +333,7 @@ class Engine:
             spec=seq.counts if seq.num_speculative else None,
             cycle=cycle,
             windows=tuple(seq.window_counts),
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     def _publish(self, batch_size: int) -> None:

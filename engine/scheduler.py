@@ -84,7 +84,7 @@ class Scheduler:
         seq.slot = best
         kept = self.retained.pop(best, None)
         if kept is not None and best_len:
-            seq.target_len = best_len
+            seq.target_len = seq.num_cached_tokens = best_len
             seq.draft_len = _common_prefix(kept[0], prompt, kept[2]) if seq.num_speculative else 0
 
     def commit(self, seq: Sequence, new_ids: list[int], num_accepted: int, draft_fed: int) -> list[int]:

@@ -127,6 +127,7 @@ class RequestOutput:
     spec: SpecCounts | None = None
     cycle: SpecCounts | None = None  # this step's speculation cycle (num_spec_steps == 1); None if it drafted none
     windows: tuple[int, ...] = ()  # final output: steps run at each window W (index 0: plain decoding)
+    num_cached_tokens: int = 0  # final output: prompt tokens reused from the slot (OpenAI's cached_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,8 +291,9 @@ def response(job: Job, text: str) -> dict[str, Any]:
     return out
 
 
-def final_usage(job: Job) -> dict[str, int]:
-    return usage(len(job.request.prompt_token_ids), job.num_output)
+def final_usage(job: Job) -> dict[str, Any]:
+    cached = job.final.num_cached_tokens if job.final is not None else 0
+    return usage(len(job.request.prompt_token_ids), job.num_output, cached)
 
 
 def windows(final: RequestOutput | None) -> tuple[int, ...]:

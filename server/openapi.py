@@ -58,10 +58,17 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # --- generation -----------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(Closed):
+    cached_tokens: int = Field(description="prompt tokens whose K/V a slot still held from an earlier request")
+
+
 class Usage(Closed):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="on the response and the final usage chunk (not on continuous_usage_stats chunks)"
+    )
 
 
 class SpeculativeDecoding(Closed):

@@ -163,8 +163,13 @@ class ChatCompletionRequest(GenerationBody):
 # --- responses ----------------------------------------------------------------------------------------
 
 
-def usage(num_prompt: int, num_output: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_output, "total_tokens": num_prompt + num_output}
+def usage(num_prompt: int, num_output: int, num_cached: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; a finished request's also says how many prompt tokens came from a retained slot."""
+    out: dict[str, Any] = {"prompt_tokens": num_prompt, "completion_tokens": num_output}
+    out["total_tokens"] = num_prompt + num_output
+    if num_cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": num_cached}
+    return out
 
 
 def speculative_decoding(

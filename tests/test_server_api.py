@@ -137,7 +137,12 @@ def test_completion_matches_the_engine_and_reports_usage(target, draft):
     assert r["object"] == "text_completion" and r["model"] == MODEL and r["id"].startswith("cmpl-")
     assert r["choices"][0]["text"] == expected
     assert r["choices"][0]["finish_reason"] == "length"
-    assert r["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 24, "total_tokens": len(PROMPT) + 24}
+    assert r["usage"] == {
+        "prompt_tokens": len(PROMPT),
+        "completion_tokens": 24,
+        "total_tokens": len(PROMPT) + 24,
+        "prompt_tokens_details": {"cached_tokens": 0},  # a fresh server's slots hold nothing
+    }
     check_spec_metrics(r["metrics"], 24)
     judge = r["metrics"]["judge"]
     assert judge["task_profile"] == "lossless" and judge["judge_threshold"] == 0.0
@@ -161,7 +166,12 @@ def test_streamed_completion_equals_the_plain_one(target, draft):
     assert len(chunks) > 1, "a stream must arrive in several chunks"
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
-    assert final["choices"] == [] and final["usage"] == plain["usage"]
+    assert final["choices"] == [] and final["usage"] | {"prompt_tokens_details": None} == plain["usage"] | {
+        "prompt_tokens_details": None
+    }
+    # The same prompt again: its slot still held every prompt position but the last, which the first cycle feeds.
+    assert plain["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert final["usage"]["prompt_tokens_details"] == {"cached_tokens": len(PROMPT) - 1}
     assert final["metrics"] == plain["metrics"]
 
 
