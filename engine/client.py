@@ -145,6 +145,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._inbox: list[Request | str] = []  # a Request to add or a request id to abort
         self._wake = threading.Event()
+        self._arrived = threading.Event()  # a Request waits in the inbox (a step may cut its drafting short)
         self._stop = False
         self._dead = False  # set by the engine thread when a step raised: nothing runs any more
         self._thread: threading.Thread | None = None
@@ -218,6 +219,8 @@ class AsyncEngine:
     def _post(self, item: Request | str) -> None:
         with self._lock:
             self._inbox.append(item)
+            if not isinstance(item, str):
+                self._arrived.set()
         self._wake.set()
 
     def _deliver(self, items: list[tuple[str, Item]], step_started: float | None) -> None:
@@ -258,6 +261,7 @@ class AsyncEngine:
         """One turn of the loop; False when asked to stop and nothing is left to run."""
         with self._lock:
             items, self._inbox = self._inbox, []
+            self._arrived.clear()
             stop = self._stop
         refused = [r for r in (self._apply(item) for item in items) if r is not None]
         if refused:
@@ -269,7 +273,7 @@ class AsyncEngine:
             self._wake.clear()  # the inbox is drained next turn, so a post racing with this is not lost
             return True
         started = self._clock()
-        outputs = self._engine.step()
+        outputs = self._engine.step(self._arrived.is_set)
         if outputs:
             self._call_in_loop(self._deliver, [(o.request_id, o) for o in outputs], started)
         return True

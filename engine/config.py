@@ -167,6 +167,9 @@ class PlannerConfig:
     # A step that admits requests drafts for no row (fixed windows excepted): the new requests' first tokens then
     # wait for a target-only step, not for a verify over K+1 positions of the rows already running.
     plain_admission: bool = True
+    # A step stops drafting as soon as a request arrives that a free slot could take, and verifies what it has:
+    # the newcomer waits for one draft forward and a short verify instead of the whole window.
+    yield_to_arrivals: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prior_alpha < 1.0:

@@ -117,7 +117,9 @@ class Engine:
         return len(self.scheduler.free_slots)
 
     # --- the cycle ------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, arrived: Callable[[], bool] | None = None) -> list[RequestOutput]:
+        """One cycle. `arrived` says whether a new request is waiting outside the engine: under `auto` windows a
+        step stops drafting when it says yes and a slot is free, so the newcomer waits for a shorter verify."""
         t0 = self.clock()
         batch = self.scheduler.schedule()
         queried = sum(s.num_prompt_tokens for s in batch.prefill)
@@ -146,15 +148,22 @@ class Engine:
             ]
             plan = self.autowindow.plan(planned)
             widths = list(plan.windows)
-        for s, w in zip(seqs, widths, strict=True):
-            s.window_counts[w] += 1
         t_plan = self.clock()
         want_hidden = self.judge.uses_draft_hidden
+        cut = arrived if plan is not None and self._may_cut() else None
         if self.drafter is not None and any(widths):
-            proposal = self.drafter.propose(seqs, widths, want_hidden)
+            fixed = [s.request.spec.fixed_window for s in seqs]
+            proposal = self.drafter.propose(seqs, widths, want_hidden, cut, [not f for f in fixed])
         else:
             proposal = DraftProposal([[] for _ in seqs], None, None, [s.draft_len for s in seqs])
         t2 = self.clock()
+        cut_short = [len(d) for d in proposal.token_ids] != widths
+        if cut_short:
+            assert self.autowindow is not None
+            widths = [len(d) for d in proposal.token_ids]
+            plan = self.autowindow.costed(planned, widths)
+        for s, w in zip(seqs, widths, strict=True):
+            s.window_counts[w] += 1
         scores = self.verifier.verify(seqs, proposal.token_ids)
         t3 = self.clock()
         exact_ok, judge_ok = self._decide(seqs, widths, proposal, scores)
@@ -189,9 +198,15 @@ class Engine:
                     windows=tuple(widths),
                     window_profiles=tuple(s.request.spec.profile for s in seqs),
                     predicted_seconds=_seconds(plan),
+                    cut_short=cut_short,
                 )
             )
         return outputs
+
+    def _may_cut(self) -> bool:
+        """A step may stop drafting for a newcomer only if the newcomer would find a slot at the next step."""
+        s = self.scheduler
+        return self.config.spec.planner.yield_to_arrivals and len(s.free_slots) > len(s.waiting)
 
     def _prefill(self, seqs: list[Sequence]) -> int:
         """Put `prompt[:-1]` into the target cache (and the draft cache for speculating rows) after the prefix

@@ -171,3 +171,4 @@ class StepStats:
     windows: tuple[int, ...] = ()  # each running row's window this step (0: it did not draft)
     window_profiles: tuple[str, ...] = ()  # each running row's task profile, in the order of `windows`
     predicted_seconds: float | None = None  # the `auto` planner's cost-model time of draft + verify + commit
+    cut_short: bool = False  # drafting stopped early for a newly arrived request (the windows are what ran)

@@ -29,6 +29,8 @@ Derived ratios, `[$i]` = `[$__rate_interval]`:
   / sum by (task_profile)(rate(autojudge_spec_decode_window_count[$i]))
 - steps without drafting: sum(rate(autojudge_engine_steps_without_draft_total[$i]))
   / sum(rate(autojudge_engine_step_seconds_count[$i]))
+- steps cut short by arrivals: sum(rate(autojudge_engine_draft_cuts_total[$i]))
+  / sum(rate(autojudge_engine_step_seconds_count[$i]))
 - cost model error: sum(rate(autojudge_step_cost_measured_seconds_total[$i]))
   / sum(rate(autojudge_step_cost_predicted_seconds_total[$i]))
 """
@@ -142,6 +144,13 @@ class ServerMetrics:
         self.steps_without_draft = Counter(
             "autojudge_engine_steps_without_draft", "Engine steps in which no row drafted", m, registry=r
         )
+        self.draft_cuts = Counter(
+            "autojudge_engine_draft_cuts",
+            "Engine steps that stopped drafting early because a new request arrived (auto windows)",
+            m,
+            registry=r,
+        )
+        self.draft_cuts.labels(self.model_name)  # 0 until the first cut, so the share reads 0, not "no data"
         self.cost_predicted = Counter(
             "autojudge_step_cost_predicted_seconds",
             "Cost-model time of the auto planner's steps (draft + verify + commit)",
@@ -271,6 +280,8 @@ class ServerMetrics:
             self.window.labels(name, profile).observe(w)
         if not any(stats.windows):
             self.steps_without_draft.labels(name).inc()
+        if stats.cut_short:
+            self.draft_cuts.labels(name).inc()
         if stats.predicted_seconds:
             measured = stats.seconds_step - stats.seconds_prefill - stats.seconds_plan
             self.cost_predicted.labels(name).inc(stats.predicted_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -70,8 +71,14 @@ def make_engine(target: Decoder, draft: Decoder | None, slots: int = 8, **kwargs
     return Engine(config, target, draft, **kwargs)  # type: ignore[arg-type]
 
 
-def run_all(engine: Engine, requests: list[Request], join_at: dict[int, list[Request]] | None = None):
-    """Drive the engine to completion; `join_at[step]` requests are added before that step."""
+def run_all(
+    engine: Engine,
+    requests: list[Request],
+    join_at: dict[int, list[Request]] | None = None,
+    arrived: Callable[[], bool] | None = None,
+):
+    """Drive the engine to completion; `join_at[step]` requests are added before that step; `arrived` is passed
+    to every step."""
     for r in requests:
         engine.add_request(r)
     tokens: dict[str, list[int]] = {}
@@ -80,7 +87,7 @@ def run_all(engine: Engine, requests: list[Request], join_at: dict[int, list[Req
     while engine.has_unfinished() or (join_at and any(k >= step for k in join_at)):
         for r in (join_at or {}).get(step, []):
             engine.add_request(r)
-        for out in engine.step():
+        for out in engine.step(arrived):
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.finished:
                 finals[out.request_id] = out

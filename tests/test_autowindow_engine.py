@@ -7,14 +7,18 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+from test_judge_hook import ScriptedJudge
 from test_planner import cost
 from test_spec_greedy import prompts, requests
 
 from conftest import run_all
-from engine import CacheConfig, Engine, EngineConfig, SpecConfig
+from engine import CacheConfig, Engine, EngineConfig, Request, SamplingParams, SpecConfig, SpecParams
 from engine.config import PlannerConfig
+from engine.model.protocol import ForwardBatch
 from engine.spec.autowindow import RowInput
 from engine.spec.cost import StepCost
+from engine.spec.judging import MismatchJudge
 from engine.spec.planner import Plan
 from engine.types import StepStats
 
@@ -23,7 +27,13 @@ NEVER_PAYS = cost(0.0, 0.01, 0.004, 0.004)  # compute-bound target: the planner 
 
 
 def auto_engine(
-    target, draft, step_cost: StepCost, bonus: bool = True, on_step=None, planner: PlannerConfig | None = None
+    target,
+    draft,
+    step_cost: StepCost,
+    bonus: bool = True,
+    on_step=None,
+    planner: PlannerConfig | None = None,
+    judge: MismatchJudge | None = None,
 ) -> Engine:
     spec = SpecConfig(
         max_speculative_tokens=8,
@@ -33,7 +43,7 @@ def auto_engine(
         planner=planner or PlannerConfig(),
     )
     config = EngineConfig(cache=CacheConfig(max_slots=8, max_model_len=160), spec=spec)
-    return Engine(config, target, draft, step_cost=step_cost, on_step=on_step)
+    return Engine(config, target, draft, step_cost=step_cost, on_step=on_step, judge=judge)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +138,77 @@ def test_auto_without_a_step_cost_profiles_the_models(target, draft) -> None:
     c = engine.autowindow.cost
     assert c.target.rows == (1, 2, 4) and c.target.tokens == (1, 2, 3, 5)
     assert all(x > 0 for row in c.target.seconds for x in row)
+
+
+class Arrivals:
+    """An `arrived` callback that says yes at random (seeded): before drafting or after some draft steps."""
+
+    def __init__(self, seed: int, p: float = 0.3) -> None:
+        self.rng, self.p, self.asked = random.Random(seed), p, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.rng.random() < self.p
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_arrival_cuts_drafting_short_and_output_stays_exact(target, draft, reference, seed) -> None:
+    stats: list[StepStats] = []
+    engine = auto_engine(target, draft, DRAFTS_PAY, on_step=stats.append, planner=PlannerConfig(probe_every=0))
+    arrivals = Arrivals(seed)
+    tokens, finals = run_all(engine, requests(prompts(8, seed=3)[:4], width=8), arrived=arrivals)
+    assert tokens == {k: v for k, v in reference.items() if int(k[1:]) < 4}
+    cut = [s for s in stats if s.cut_short]
+    assert any(max(s.windows) == 0 for s in cut)  # cut before the first draft forward: a plain step
+    assert any(0 < max(s.windows) < 8 for s in cut)  # cut after some draft steps
+    for s in stats:  # the stats report the windows that ran
+        drafting = [w for w in s.windows if w]
+        assert [row.counts.num_draft_tokens for row in s.rows] == drafting
+        assert all(row.counts.num_accepted_tokens <= row.counts.num_draft_tokens for row in s.rows)
+    for f in finals.values():
+        assert sum(f.windows) == f.spec.num_spec_steps + f.windows[0]
+
+
+def test_full_slots_or_the_setting_off_never_cut_and_fixed_rows_keep_their_window(target, draft) -> None:
+    def cut_steps(planner: PlannerConfig, n: int, **spec) -> list[StepStats]:
+        stats: list[StepStats] = []
+        engine = auto_engine(target, draft, DRAFTS_PAY, on_step=stats.append, planner=planner)
+        run_all(engine, requests(prompts(n, seed=3), width=8, **spec), arrived=lambda: True)
+        return [s for s in stats if s.cut_short]
+
+    assert cut_steps(PlannerConfig(probe_every=0), 2)  # a free slot: every step cuts at once
+    full = cut_steps(PlannerConfig(probe_every=0), 8)
+    assert all(len(s.windows) < 8 for s in full)  # never while all 8 slots are taken: nobody could be admitted
+    assert not cut_steps(PlannerConfig(probe_every=0, yield_to_arrivals=False), 2)
+    assert not cut_steps(PlannerConfig(probe_every=0), 2, fixed_window=True)  # a fixed window is what was asked
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_cut_step_gives_the_judge_states_of_the_tokens_that_were_drafted(target, draft, seed) -> None:
+    """DD layout: after a cut the extra draft forward still reads the last kept token, so slot i's features are
+    the full-sequence states after reading d_{i+1} (as in test_judge_hook)."""
+    prompt = (5, 17, 33, 2, 90, 41)
+    judge = ScriptedJudge({("a", p) for p in range(len(prompt), len(prompt) + 40, 2)})
+    stats: list[StepStats] = []
+    planner = PlannerConfig(probe_every=0)
+    engine = auto_engine(target, draft, DRAFTS_PAY, False, stats.append, planner, judge)
+    req = Request(
+        "a",
+        prompt,
+        SamplingParams(max_tokens=40, ignore_eos=True),
+        SpecParams(num_speculative_tokens=8, judge_threshold=0.5, profile="math"),
+    )
+    tokens, finals = run_all(engine, [req], arrived=Arrivals(seed))
+    assert any(s.cut_short and max(s.windows) > 0 for s in stats)
+    assert finals["a"].spec.num_judge_accepted > 0
+    sequence = [*prompt, *tokens["a"]]  # committed tokens never change, so each call's prefix is in here
+    for call in judge.calls:
+        assert call.draft_hidden is not None and call.draft_hidden.shape[1] == call.draft_token_ids.shape[1]
+        start = int(call.positions[0, 0])
+        for i in range(call.draft_token_ids.shape[1]):
+            ids = [*sequence[:start], *call.draft_token_ids[0, : i + 1].tolist()]
+            batch = ForwardBatch.build([ids], [0], [0], torch.device("cpu"))
+            with torch.no_grad():
+                full_t, full_d = target(batch, None)[0, -1], draft(batch, None)[0, -1]
+            torch.testing.assert_close(call.target_hidden[0, i], full_t, atol=1e-5, rtol=0)
+            torch.testing.assert_close(call.draft_hidden[0, i], full_d, atol=1e-5, rtol=0)

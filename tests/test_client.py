@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from test_autowindow_engine import DRAFTS_PAY
 
 from conftest import run_all
 from engine import (
@@ -216,7 +217,7 @@ def test_engine_fault_fails_in_flight_requests_and_marks_unhealthy(target, draft
     calls = 0
     real_step = engine.step
 
-    def failing_step():
+    def failing_step(arrived=None):
         nonlocal calls
         calls += 1
         if calls == 3:
@@ -274,3 +275,38 @@ def test_shutdown_past_the_deadline_aborts(target, draft):
     asyncio.run(scenario())
     assert not engine.has_unfinished() and engine.num_free_slots == 4
     assert sum(s.num_generated_tokens for s in steps) < 100
+
+
+def test_a_request_posted_during_a_step_cuts_its_drafting_short(target, draft):
+    """Under `auto` windows the engine thread asks the inbox between draft forwards: a request that arrives while
+    a step runs ends that step's drafting, so the newcomer waits for a short verify, not the whole window."""
+    stats: list[StepStats] = []
+    engine, client = tiny_engine(target, draft, on_step=stats.append, step_cost=DRAFTS_PAY)
+    first, late = requests(2, max_tokens=40)
+    real_step, seen, late_streams = engine.step, [], []
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def step(arrived: Callable[[], bool] | None = None) -> list:
+        assert arrived is not None and loop is not None
+        if len(seen) == 3:  # the running row drafts by now: post a request from outside while this step runs
+            late_streams.append(asyncio.run_coroutine_threadsafe(client.generate(late), loop).result(10))
+        seen.append(arrived())
+        return real_step(arrived)
+
+    engine.step = step  # type: ignore[method-assign]
+
+    async def scenario():
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        await client.start()
+        tokens, _ = await collect(client, first)
+        await async_wait_for(lambda: bool(late_streams))
+        late_tokens = [t async for out in late_streams[0] for t in out.new_token_ids]
+        await client.shutdown(5)
+        return tokens, late_tokens
+
+    tokens, late_tokens = asyncio.run(scenario())
+    assert len(tokens) == 40 and len(late_tokens) == 40
+    assert seen[:5] == [False, False, False, True, False]  # the inbox is drained at the top of the next step
+    assert stats[2].windows[0] > 0 and stats[3].cut_short and stats[3].windows == (0,)
+    assert len(stats[4].windows) == 2  # the newcomer is admitted at the next step

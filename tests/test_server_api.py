@@ -566,11 +566,11 @@ def test_engine_fault_fails_requests_cleanly_and_the_server_stays_up(target, dra
         async with served(target, draft) as (http, s):
             real_step, calls = s.engine.step, []
 
-            def failing_step():
+            def failing_step(arrived=None):
                 calls.append(1)
                 if len(calls) == 3:
                     raise RuntimeError("kernel fault")
-                return real_step()
+                return real_step(arrived)
 
             monkeypatch.setattr(s.engine, "step", failing_step)
             body = {"prompt": PROMPT, "max_tokens": 100, "stream": True}

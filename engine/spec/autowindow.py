@@ -108,10 +108,18 @@ class AutoWindow:
                 self.probes += 1
         if windows == list(plan.windows):
             return plan
-        tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
-        probed = Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows))
+        probed = self._plan_of(rows, windows)
         self.probe_debt += max(0.0, probed.seconds - plan.seconds)
         return probed
+
+    def costed(self, inputs: list[RowInput], windows: list[int]) -> Plan:
+        """The plan of the windows that ran when they differ from the choice (a step cut short by an arrival), so
+        the prediction and the acceptance tallies follow what was drafted."""
+        return self._plan_of([Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed) for r in inputs], windows)
+
+    def _plan_of(self, rows: list[Row], windows: list[int]) -> Plan:
+        tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
+        return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows))
 
     def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
         """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit

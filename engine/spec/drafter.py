@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +34,37 @@ class Drafter:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
-    def propose(self, seqs: list[Sequence], widths: list[int], want_hidden: bool) -> DraftProposal:
+    def propose(
+        self,
+        seqs: list[Sequence],
+        widths: list[int],
+        want_hidden: bool,
+        cut: Callable[[], bool] | None = None,
+        cuttable: list[bool] | None = None,
+    ) -> DraftProposal:
         """Lagging rows read `token_ids[draft_len:-1]` first (`catch_up_tokens`); then step 0 feeds each row's
-        remaining tokens `token_ids[draft_len:]`; step k >= 1 feeds d_k.
+        remaining tokens `token_ids[draft_len:]`; step k >= 1 feeds d_k. Row b drafts `len(token_ids[b])` tokens.
+
+        `cut` is asked before the drafts and after each draft step: once it says yes, the `cuttable` rows (all by
+        default) stop at the tokens they hold, so the verify comes sooner (a new request is waiting for the step).
 
         NOTE: with `want_hidden`, a row of width w also feeds d_w at step w: its state is the DD feature of the
         last slot (method §5, one extra draft forward per cycle), and it advances the draft cache.
         """
+        widths = list(widths)
         num_rows, width = len(seqs), max(widths, default=0)
+        stoppable = cuttable if cuttable is not None else [True] * num_rows
+
+        def clipped(produced: int) -> bool:
+            """True when `cut` fires; the cuttable rows then stop at `produced` tokens."""
+            if cut is None or not cut():
+                return False
+            for b in range(num_rows):
+                if stoppable[b]:
+                    widths[b] = min(widths[b], produced)
+            return True
+
+        was_cut = clipped(0)
         drafted: list[list[int]] = [[] for _ in seqs]
         fed = [s.draft_len for s in seqs]
         dev = self.runner.device
@@ -69,7 +93,14 @@ class Drafter:
             producing = [a for a, b in enumerate(rows) if step < widths[b]]
             if producing:
                 self._choose(seqs, rows, producing, h_last, step, drafted, probs)
-        return DraftProposal(token_ids=drafted, probs=probs, hidden=hidden, fed_end=fed)
+                was_cut = was_cut or clipped(step + 1)
+        end = max(widths, default=0)  # a cut leaves the tensors wider than any window
+        return DraftProposal(
+            token_ids=drafted,
+            probs=None if probs is None else probs[:, :end],
+            hidden=None if hidden is None else hidden[:, :end],
+            fed_end=fed,
+        )
 
     def _choose(
         self,
