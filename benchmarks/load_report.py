@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -150,6 +151,8 @@ def planner_totals(text: str) -> Json:
                 out.setdefault("error_buckets", {})[s.labels["le"]] = s.value
             elif s.name == "autojudge_engine_steps_without_draft_total":
                 out["steps_without_draft"] = s.value
+            elif s.name == "autojudge_engine_draft_cuts_total":
+                out["draft_cuts"] = s.value
             elif s.name == "autojudge_engine_step_seconds_count":
                 out["steps"] = s.value
     return out
@@ -245,6 +248,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
                 f"{'1' if mode == 'no-spec' else spread(first)} | "
                 f"{spread([d['goodput']['requests_per_s'] or 0.0 for d in docs])} | {errors} |"
             )
+    lines += ["", *pooled_ttft(cells, levels, names)]
     lines += [
         "",
         "## Latency (ms)",
@@ -296,6 +300,50 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled_ttft(cells: list[Json], levels: list[int], names: list[str]) -> list[str]:
+    """TTFT of every request of a mode at a level, all rounds pooled: the median and its ratio to no-spec's, with a
+    95% bootstrap interval of that ratio (a cell holds a handful of requests; its own p50 is too noisy to compare)."""
+    rng = random.Random(0)
+
+    def samples(c: int, mode: str) -> list[float]:
+        return [
+            row["ttft_s"]
+            for cell in cells
+            if cell["concurrency"] == c and cell["mode"] == mode
+            for row in cell["report"]["per_request"]
+            if row["error"] is None and row["ttft_s"] is not None
+        ]
+
+    def ratio_interval(xs: list[float], ys: list[float]) -> tuple[float, float]:
+        ratios = sorted(
+            statistics.median(rng.choices(xs, k=len(xs))) / statistics.median(rng.choices(ys, k=len(ys)))
+            for _ in range(2000)
+        )
+        return ratios[49], ratios[1949]
+
+    lines = [
+        "## TTFT, requests pooled over the rounds",
+        "",
+        "Median TTFT of all successful requests of a mode at a level (n of them), and its ratio to no-spec's median "
+        "with a 95% bootstrap interval (2,000 resamples of both sides).",
+        "",
+        "| users | mode | n | TTFT median ms | x no-spec | 95% interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        base = samples(c, "no-spec")
+        for mode in names:
+            xs = samples(c, mode)
+            if not xs or not base:
+                continue
+            ratio = statistics.median(xs) / statistics.median(base)
+            lo, hi = ratio_interval(xs, base) if mode != "no-spec" else (1.0, 1.0)
+            lines.append(
+                f"| {c} | {mode} | {len(xs)} | {1000 * statistics.median(xs):.0f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} |"
+            )
+    return lines
+
+
 def planner_section(totals: Json, speculation: Json) -> list[str]:
     """The planner's overhead and the cost model's error over the whole run (every mode: fixed windows are
     costed by the planner too), and the start-up profile it used."""
@@ -313,7 +361,8 @@ def planner_section(totals: Json, speculation: Json) -> list[str]:
         f"({phases.get('plan', 0.0):.1f} of {step:.0f} s).",
         f"- Cost model: measured / predicted step time (draft + verify + commit) {ratio:.3f} over "
         f"{count:.0f} steps; {100 * within:.0f}% of steps within ±10%.",
-        f"- Steps without drafting: {totals.get('steps_without_draft', 0):.0f} of {totals.get('steps', 0):.0f}.",
+        f"- Steps without drafting: {totals.get('steps_without_draft', 0):.0f} of {totals.get('steps', 0):.0f}; "
+        f"steps whose drafting an arriving request cut short: {totals.get('draft_cuts', 0):.0f}.",
         "",
         f"Start-up profile (ms per forward, after {cost['context']} cached tokens per row):",
         "",
