@@ -7,7 +7,7 @@ ARGS ?=
 PAIR ?= smollm2
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval crossfit clean
+.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval crossfit crossfit-save crossfit-restore clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -110,6 +110,26 @@ crossfit: $(PAIR_ASSETS)  ## RUN/eval/TASK-crossfit: FOLDS heads, each judging t
 	    --no-random --random-from $(RUN)/eval/$(TASK)-crossfit --out $(RUN)/eval/$(TASK)-fold$$f $(EVAL_ARGS) > /dev/null; \
 	done; \
 	$(TRAIN) pool $$(for f in $$folds; do echo $(RUN)/eval/$(TASK)-fold$$f; done) --out $(RUN)/eval/$(TASK)-crossfit
+
+# A cross-fitting run takes hours on a CPU and a session's runs/ folder does not outlive it: save the fold heads and
+# the evaluation checkpoints (generated token ids and decisions, no prompt text) into the repository as they grow,
+# and restore them on a new machine before `make crossfit` resumes.
+CF_STORE ?= training/crossfit/$(PAIR)
+crossfit-save:  ## copy RUN's fold heads and gzipped evaluation checkpoints of TASK into CF_STORE
+	set -e; for f in $$(seq 0 $$(($(FOLDS) - 1))); do \
+	  test -f $(RUN)/heads/$(TASK)-fold$$f/head.json || continue; \
+	  d=$(CF_STORE)/$(TASK)-fold$$f; mkdir -p $$d; cp $(RUN)/heads/$(TASK)-fold$$f/head.* $$d/; \
+	  if test -f $(RUN)/eval/$(TASK)-fold$$f/traces.jsonl; then \
+	    gzip -9nc $(RUN)/eval/$(TASK)-fold$$f/traces.jsonl > $$d/traces.jsonl.gz; fi; \
+	done
+
+crossfit-restore:  ## the reverse of crossfit-save (never overwrites what RUN holds)
+	set -e; for f in $$(seq 0 $$(($(FOLDS) - 1))); do \
+	  d=$(CF_STORE)/$(TASK)-fold$$f; test -f $$d/head.json || continue; \
+	  h=$(RUN)/heads/$(TASK)-fold$$f; e=$(RUN)/eval/$(TASK)-fold$$f; mkdir -p $$h $$e; \
+	  test -f $$h/head.json || cp $$d/head.* $$h/; \
+	  test -f $$e/traces.jsonl || ! test -f $$d/traces.jsonl.gz || gunzip -c $$d/traces.jsonl.gz > $$e/traces.jsonl; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

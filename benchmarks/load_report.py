@@ -301,45 +301,53 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
 
 
 def pooled_ttft(cells: list[Json], levels: list[int], names: list[str]) -> list[str]:
-    """TTFT of every request of a mode at a level, all rounds pooled: the median and its ratio to no-spec's, with a
-    95% bootstrap interval of that ratio (a cell holds a handful of requests; its own p50 is too noisy to compare)."""
+    """TTFT compared request by request: the i-th request of every cell of a round sends the same prompt, so each
+    request of a mode is paired with no-spec's request of the same index, round and level (prompt length drives
+    prefill time, and faster modes reach more prompts, so unpaired medians mix different prompts). Reports the
+    median of the paired ratios, all rounds pooled, with a 95% bootstrap interval, and the unpaired medians."""
     rng = random.Random(0)
 
-    def samples(c: int, mode: str) -> list[float]:
-        return [
-            row["ttft_s"]
-            for cell in cells
-            if cell["concurrency"] == c and cell["mode"] == mode
+    def ttfts(cell: Json) -> dict[int, float]:
+        return {
+            row["index"]: row["ttft_s"]
             for row in cell["report"]["per_request"]
             if row["error"] is None and row["ttft_s"] is not None
-        ]
+        }
 
-    def ratio_interval(xs: list[float], ys: list[float]) -> tuple[float, float]:
-        ratios = sorted(
-            statistics.median(rng.choices(xs, k=len(xs))) / statistics.median(rng.choices(ys, k=len(ys)))
-            for _ in range(2000)
-        )
-        return ratios[49], ratios[1949]
+    by = {(c["round"], c["concurrency"], c["mode"]): ttfts(c) for c in cells}
+
+    def interval(xs: list[float]) -> tuple[float, float]:
+        medians = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(2000))
+        return medians[49], medians[1949]
 
     lines = [
-        "## TTFT, requests pooled over the rounds",
+        "## TTFT, request by request",
         "",
-        "Median TTFT of all successful requests of a mode at a level (n of them), and its ratio to no-spec's median "
-        "with a 95% bootstrap interval (2,000 resamples of both sides).",
+        "Each request's TTFT over that of no-spec's request with the same index (the same prompt) in the same round "
+        "and level; median of those ratios over all rounds (n pairs) with a 95% bootstrap interval (2,000 "
+        "resamples), and the median TTFT of each side over the same pairs.",
         "",
-        "| users | mode | n | TTFT median ms | x no-spec | 95% interval |",
-        "|---|---|---|---|---|---|",
+        "| users | mode | n pairs | TTFT median ms | no-spec median ms | paired ratio | 95% interval |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in levels:
-        base = samples(c, "no-spec")
-        for mode in names:
-            xs = samples(c, mode)
-            if not xs or not base:
+        for mode in names[1:]:
+            pairs = [
+                (mine[i], base[i])
+                for (r, level, m), mine in by.items()
+                if level == c and m == mode
+                for base in [by.get((r, c, "no-spec"), {})]
+                for i in mine
+                if i in base and base[i] > 0
+            ]
+            if not pairs:
                 continue
-            ratio = statistics.median(xs) / statistics.median(base)
-            lo, hi = ratio_interval(xs, base) if mode != "no-spec" else (1.0, 1.0)
+            ratios = [a / b for a, b in pairs]
+            lo, hi = interval(ratios)
             lines.append(
-                f"| {c} | {mode} | {len(xs)} | {1000 * statistics.median(xs):.0f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} |"
+                f"| {c} | {mode} | {len(pairs)} | {1000 * statistics.median(a for a, _ in pairs):.0f} | "
+                f"{1000 * statistics.median(b for _, b in pairs):.0f} | {statistics.median(ratios):.2f} | "
+                f"{lo:.2f}-{hi:.2f} |"
             )
     return lines
 
