@@ -158,6 +158,7 @@ class PlannerConfig:
     row_decay: float = 0.9  # EMA factor per observed cycle of a row's acceptance
     key_decay: float = 0.98  # ... of the (profile, τ, greedy) history that seeds new rows
     row_weight: float = 4.0  # pseudo-positions of the profile history in a row's estimate
+    optimism: float = 1.0  # standard errors added to a row's estimate when choosing (0: choose on the estimate)
     amortize: float = 16.0  # cycles a draft catch-up forward is spread over when choosing
     probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway (0: never)
     probe_window: int = 4  # the window of that row (a new profile is probed at once)
@@ -178,8 +179,8 @@ class PlannerConfig:
             raise ValueError("row_decay and key_decay must be in (0, 1]")
         if not 0.0 <= self.probe_budget < 1.0:
             raise ValueError("probe_budget must be in [0, 1)")
-        if self.row_weight <= 0 or self.amortize < 1:
-            raise ValueError("row_weight must be > 0 and amortize >= 1")
+        if self.row_weight <= 0 or self.amortize < 1 or self.optimism < 0:
+            raise ValueError("row_weight must be > 0, amortize >= 1 and optimism >= 0")
         if min(self.probe_window, self.guard_steps, self.backoff_steps) < 1 or self.probe_every < 0:
             raise ValueError("probe_window, guard_steps and backoff_steps must be >= 1, probe_every >= 0")
 

@@ -10,7 +10,7 @@ import pytest
 from engine.config import PlannerConfig
 from engine.spec.autowindow import AutoWindow, RowInput, Tally
 from engine.spec.cost import ForwardCost, StepCost, interpolate
-from engine.spec.planner import Row, expected_tokens, plan_windows, step_seconds
+from engine.spec.planner import Plan, Row, expected_tokens, plan_windows, step_seconds
 from engine.spec.profiler import grid
 
 
@@ -129,7 +129,8 @@ def test_the_guard_backs_off_after_slow_drafting_steps_and_doubles() -> None:
     for _ in range(3):
         plan = aw.plan(inputs)
         assert plan.windows[0] > 0
-        aw.observe(inputs, plan, [0], seconds=10 * plan.seconds, emitted=1)  # far slower than plain decoding
+        # as predicted, but every draft rejected at once: one token per drafting step, slower than plain decoding
+        aw.observe(inputs, plan, [0], seconds=plan.seconds, emitted=1)
     assert aw.backoffs == 1
     for _ in range(4):
         plan = aw.plan(inputs)
@@ -210,3 +211,42 @@ def test_one_unlucky_step_does_not_trip_the_guard() -> None:
         slow = i % 4 == 0  # one rejected-at-once cycle in four; the rest emit a full window
         aw.observe(inputs, plan, [0 if slow else plan.windows[0]], plan.seconds, 1 if slow else 9)
     assert aw.backoffs == 0
+
+
+def test_each_draft_depths_own_cost_is_learned_from_drafting_steps_and_shortens_windows() -> None:
+    c = cost(0.1, 0.0, 0.005, 0.0)  # a flat verify and cheap drafts: the whole cap, on the forwards alone
+    rows = [Row(0.8, 8, 0)]
+    assert plan_windows(rows, c, bonus=True, amortize=16).windows == (8,)
+    costly = plan_windows(rows, c, bonus=True, amortize=16, per_depth=0.03)
+    assert 0 < costly.windows[0] < 8
+    assert costly.seconds == pytest.approx(step_seconds(c, list(costly.windows), rows, per_depth=0.03))
+    assert step_seconds(c, [3], rows, 0.03) == pytest.approx(c.target(1, 4) + 3 * c.draft(1, 1) + 3 * 0.03)
+    aw = AutoWindow(PlannerConfig(probe_every=0), c, bonus=True)
+    inputs = rows_of(1)
+    for i in range(300):  # drafting steps take 0.02 s per depth more than their forwards; one in ten pauses 1 s
+        plan = aw.plan(inputs)
+        depth = max(plan.windows)
+        forwards = plan.seconds - aw.overhead - depth * aw.per_depth
+        pause = 1.0 if i % 10 == 0 else 0.0
+        aw.observe(inputs, plan, [depth], seconds=forwards + 0.02 * depth + pause, emitted=depth + 1)
+    assert aw.per_depth == pytest.approx(0.02, abs=0.004)  # the median, not dragged up by the pauses
+
+
+def test_a_catch_up_counts_against_the_guard_as_the_planner_amortises_it() -> None:
+    """A new request's deferred draft prefill is one long catch-up forward on its first drafting step; charged in
+    full to the guard's next steps it looks like slow drafting and stops drafting that pays."""
+    c = cost(0.1, 0.0, 0.005, 0.002)
+    config = PlannerConfig(guard_steps=4, probe_every=0, amortize=16)
+    aw = AutoWindow(config, c, bonus=True)
+    lagging = [RowInput("r0", ("lossless", 0.0, True), 8, 3000)]
+    steady = [RowInput("r0", ("lossless", 0.0, True), 8, 0)]
+    first = Plan((4,), 5.0, c.target(1, 5) + c.draft(1, 3000) + 4 * c.draft(1, 1))
+    aw.observe(lagging, first, [4], seconds=first.seconds, emitted=5)
+    steps = [first.seconds]
+    for _ in range(3):
+        plan = Plan((4,), 5.0, c.target(1, 5) + 4 * c.draft(1, 1))
+        aw.observe(steady, plan, [4], seconds=plan.seconds, emitted=5)
+        steps.append(plan.seconds)
+    assert sum(steps) > 20 * c.target(1, 1)  # in full, these 4 steps were slower than plain decoding ...
+    assert aw.backoffs == 0  # ... amortised as the planner chose them, they pay
+    assert aw.per_depth == 0.0  # measured as predicted; the catch-up step taught it nothing

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from engine.config import PlannerConfig
 from engine.spec.cost import StepCost
-from engine.spec.planner import Plan, Row, expected_tokens, plan_windows, step_seconds
+from engine.spec.planner import Plan, Row, catch_up_seconds, expected_tokens, plan_windows, step_seconds
 
 Key = tuple[str, float, bool]  # (task profile, τ, greedy): rows that should accept alike
 
@@ -31,6 +31,13 @@ class Tally:
     def alpha(self, prior: float, weight: float) -> float:
         """The counts plus `weight` pseudo-positions at `prior`."""
         return (self.accepted + weight * prior) / (self.trials + weight)
+
+    def upper(self, prior: float, weight: float, z: float) -> float:
+        """`alpha` plus `z` standard errors of it: optimism that shrinks as evidence grows (an upper confidence
+        bound). Choosing on it keeps a row drafting while its estimate is still thin, so an unlucky first few
+        cycles cannot stop a row whose drafts pay before it has shown that they do."""
+        a = self.alpha(prior, weight)
+        return min(0.999, a + z * (a * (1.0 - a) / (self.trials + weight)) ** 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,7 @@ class AutoWindow:
         self.probe_debt = 0.0  # predicted seconds probes cost beyond the plans, less the budget earned since
         self.backoffs = 0  # times the guard tripped
         self.overhead = 0.0  # EMA of a plain step's seconds beyond its forward (the cost model's online part)
+        self.per_depth = 0.0  # what each draft depth costs beyond its forward: the median, from drafting steps
 
     def key_alpha(self, key: Key) -> float:
         return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
@@ -73,17 +81,25 @@ class AutoWindow:
         prior = self.key_alpha(row.key)
         return self.rows.get(row.request_id, Tally()).alpha(prior, self.config.row_weight)
 
+    def row_upper(self, row: RowInput) -> float:
+        """What the planner chooses on: the row's estimate with `optimism` standard errors added."""
+        c = self.config
+        return self.rows.get(row.request_id, Tally()).upper(self.key_alpha(row.key), c.row_weight, c.optimism)
+
     def plan(self, inputs: list[RowInput]) -> Plan:
         self.step += 1
         live = {r.request_id for r in inputs}
         self.rows = {k: v for k, v in self.rows.items() if k in live}  # finished and aborted rows leave
-        rows = [Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed) for r in inputs]
+        rows = self._rows(inputs)
         if self.guard.backoff_left > 0:
             self.guard.backoff_left -= 1
             held = [r if r.fixed else replace(r, cap=0) for r in rows]
-            return plan_windows(held, self.cost, self.bonus, self.config.amortize, self.overhead)
-        plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize, self.overhead)
+            return plan_windows(held, self.cost, self.bonus, self.config.amortize, self.overhead, self.per_depth)
+        plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize, self.overhead, self.per_depth)
         return self._probe(inputs, rows, plan)
+
+    def _rows(self, inputs: list[RowInput]) -> list[Row]:
+        return [Row(self.row_upper(r), r.cap, r.catch_up, r.fixed) for r in inputs]
 
     def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
         """A key never measured gets one drafting row (`probe_window`) at once, so a new profile learns its
@@ -115,18 +131,21 @@ class AutoWindow:
     def costed(self, inputs: list[RowInput], windows: list[int]) -> Plan:
         """The plan of the windows that ran when they differ from the choice (a step cut short by an arrival), so
         the prediction and the acceptance tallies follow what was drafted."""
-        return self._plan_of([Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed) for r in inputs], windows)
+        return self._plan_of(self._rows(inputs), windows)
 
     def _plan_of(self, rows: list[Row], windows: list[int]) -> Plan:
         tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
-        return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows))
+        return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows, self.per_depth))
 
     def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
         """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
         part and the tokens it emitted. Plain steps (no row drafts, as on every admitting step) teach the overhead:
-        they measure it without mixing in any error of the draft costs. The guard sums `guard_steps` drafting
-        steps (one step's luck says nothing) and backs off when they took longer than plain decoding (forward plus
-        overhead) would have for the same tokens."""
+        they measure it without mixing in any error of the draft costs; drafting steps without a catch-up forward
+        then teach the cost of a draft depth beyond its forward. The guard sums `guard_steps` drafting steps (one
+        step's luck says nothing) and backs off when they took longer than plain decoding (forward plus overhead)
+        would have for the same tokens; a catch-up forward counts there as the planner counts it, spread over
+        `amortize` cycles (a new request's deferred draft prefill is one, and charging it in full to the next
+        `guard_steps` steps stopped drafting for every request where drafting paid)."""
         c = self.config
         for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
             if w == 0:
@@ -140,8 +159,14 @@ class AutoWindow:
         if not any(plan.windows):
             self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - (plan.seconds - self.overhead)))
             return
+        rows = self._rows(inputs)
+        invest = catch_up_seconds(self.cost, plan.windows, rows)
+        if invest == 0.0:  # a sign step tracks the median error: one slow step (a pause) cannot stop drafting
+            depth = max(plan.windows)
+            nudge = 0.01 * plan.seconds / depth
+            self.per_depth = max(0.0, self.per_depth + (nudge if seconds > plan.seconds else -nudge))
         g = self.guard
-        g.steps, g.seconds = g.steps + 1, g.seconds + seconds
+        g.steps, g.seconds = g.steps + 1, g.seconds + seconds - invest * (1.0 - 1.0 / c.amortize)
         g.plain_seconds += emitted * plain_step / len(inputs)
         if g.steps < c.guard_steps:
             return

@@ -47,24 +47,31 @@ class Plan:
         return self.expected_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def step_seconds(cost: StepCost, windows: list[int], rows: list[Row]) -> float:
-    """Predicted seconds of one step: the drafts (a catch-up forward for lagging rows, then one forward per depth
-    over the rows still drafting) and one verify over `1 + max W` tokens per row."""
-    depth = max(windows, default=0)
-    seconds = cost.target(len(windows), 1 + depth)
+def catch_up_seconds(cost: StepCost, windows: list[int] | tuple[int, ...], rows: list[Row]) -> float:
+    """The draft forward that catches lagging drafting rows up before they draft (0 when none lags)."""
     lagging = [r.catch_up for r, w in zip(rows, windows, strict=True) if w > 0 and r.catch_up > 0]
-    if lagging:
-        seconds += cost.draft(len(lagging), max(lagging))
+    return cost.draft(len(lagging), max(lagging)) if lagging else 0.0
+
+
+def step_seconds(cost: StepCost, windows: list[int], rows: list[Row], per_depth: float = 0.0) -> float:
+    """Predicted seconds of one step: the drafts (a catch-up forward for lagging rows, then one forward per depth
+    over the rows still drafting, each with `per_depth` seconds of its own beyond the forward) and one verify over
+    `1 + max W` tokens per row."""
+    depth = max(windows, default=0)
+    seconds = cost.target(len(windows), 1 + depth) + catch_up_seconds(cost, windows, rows) + depth * per_depth
     for k in range(1, depth + 1):
         seconds += cost.draft(sum(w >= k for w in windows), 1)
     return seconds
 
 
-def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float, overhead: float = 0.0) -> Plan:
+def plan_windows(
+    rows: list[Row], cost: StepCost, bonus: bool, amortize: float, overhead: float = 0.0, per_depth: float = 0.0
+) -> Plan:
     """The best plan of the depth-by-depth search; `fixed` rows keep their cap and are costed, not chosen. A
     lagging row's catch-up forward counts `1 / amortize` of its cost when choosing (it is paid once, then serves
     every later cycle), in full in the predicted time. `overhead` is what a step costs beyond its forwards
-    (sampling, bookkeeping): the same for every plan, it makes tokens per step worth more."""
+    (sampling, bookkeeping): the same for every plan, it makes tokens per step worth more. `per_depth` is what each
+    draft depth costs beyond its forward (the draft's logits, the choice of its tokens, batch building)."""
     n = len(rows)
     windows = [r.cap if r.fixed else 0 for r in rows]
     deepest = max((r.cap for r in rows), default=0)
@@ -80,14 +87,14 @@ def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float, 
 
     gained = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, windows, strict=True))
     decided = 0.0  # draft forwards of the depths settled so far
-    base = overhead + cost.target(n, 1 + fixed_depth) + tail[0] + catch_up(lags)
+    base = overhead + cost.target(n, 1 + fixed_depth) + fixed_depth * per_depth + tail[0] + catch_up(lags)
     best = (gained / base, tuple(windows))
     for k in range(1, deepest + 1):
         candidates = [b for b in range(n) if not rows[b].fixed and windows[b] == k - 1 and rows[b].cap >= k]
         candidates.sort(key=lambda b: -rows[b].alpha)
         if not candidates:
             break
-        verify = overhead + cost.target(n, 1 + max(k, fixed_depth))
+        verify = overhead + cost.target(n, 1 + max(k, fixed_depth)) + max(k, fixed_depth) * per_depth
         top: tuple[float, int, float] | None = None  # (tokens per second, rows, tokens gained)
         extra, trial = 0.0, list(lags)
         for j, b in enumerate(candidates, start=1):
@@ -110,4 +117,4 @@ def plan_windows(rows: list[Row], cost: StepCost, bonus: bool, amortize: float, 
             best = (rate, tuple(windows))
     chosen = list(best[1])
     tokens = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, chosen, strict=True))
-    return Plan(best[1], tokens, overhead + step_seconds(cost, chosen, rows))
+    return Plan(best[1], tokens, overhead + step_seconds(cost, chosen, rows, per_depth))
