@@ -159,7 +159,9 @@ class PlannerConfig:
     key_decay: float = 0.98  # ... of the (profile, τ, greedy) history that seeds new rows
     row_weight: float = 4.0  # pseudo-positions of the profile history in a row's estimate
     optimism: float = 1.0  # standard errors added to a row's estimate when choosing (0: choose on the estimate)
-    amortize: float = 16.0  # cycles a draft catch-up forward is spread over when choosing
+    # Most cycles a draft catch-up forward is spread over when choosing (fewer when the row's remaining tokens
+    # will take fewer): a new request's deferred draft prefill costs several steps and serves the whole request.
+    amortize: float = 64.0
     probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway (0: never)
     probe_window: int = 4  # the window of that row (a new profile is probed at once)
     probe_budget: float = 0.02  # share of step time later probes may cost, on average

@@ -143,6 +143,7 @@ class Engine:
                     0 if plain or id(s) in admitted else w,
                     catch_up_tokens(s),
                     s.request.spec.fixed_window,
+                    s.remaining_tokens,
                 )
                 for s, w in zip(seqs, widths, strict=True)
             ]

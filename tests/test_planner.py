@@ -10,7 +10,7 @@ import pytest
 from engine.config import PlannerConfig
 from engine.spec.autowindow import AutoWindow, RowInput, Tally
 from engine.spec.cost import ForwardCost, StepCost, interpolate
-from engine.spec.planner import Plan, Row, expected_tokens, plan_windows, step_seconds
+from engine.spec.planner import Plan, Row, amortised_catch_up, expected_tokens, horizon, plan_windows, step_seconds
 from engine.spec.profiler import grid
 
 
@@ -250,3 +250,16 @@ def test_a_catch_up_counts_against_the_guard_as_the_planner_amortises_it() -> No
     assert sum(steps) > 20 * c.target(1, 1)  # in full, these 4 steps were slower than plain decoding ...
     assert aw.backoffs == 0  # ... amortised as the planner chose them, they pay
     assert aw.per_depth == 0.0  # measured as predicted; the catch-up step taught it nothing
+
+
+def test_a_catch_up_is_spread_over_the_cycles_the_rows_remaining_tokens_take() -> None:
+    c = cost(0.1, 0.0, 0.005, 0.002)
+    catch_up = c.draft(1, 300)  # 0.605 s: six plain steps
+    long, short = Row(0.9, 4, 300, remaining=400), Row(0.9, 4, 300, remaining=8)
+    per_cycle = expected_tokens(0.9, 4, True)
+    assert horizon(long, True, 64) == 64 and horizon(short, True, 64) == pytest.approx(8 / per_cycle)
+    assert horizon(Row(0.9, 4, 300), True, 64) == 64  # remaining unknown: the cap
+    assert plan_windows([long], c, bonus=True, amortize=64).windows == (4,)
+    assert plan_windows([short], c, bonus=True, amortize=64).windows == (0,)  # it would not pay itself back
+    assert amortised_catch_up(c, (4,), [long], True, 64) == pytest.approx(catch_up / 64)
+    assert amortised_catch_up(c, (4, 4), [long, short], True, 64) == pytest.approx(c.draft(2, 300) * per_cycle / 8)

@@ -11,7 +11,15 @@ from dataclasses import dataclass, replace
 
 from engine.config import PlannerConfig
 from engine.spec.cost import StepCost
-from engine.spec.planner import Plan, Row, catch_up_seconds, expected_tokens, plan_windows, step_seconds
+from engine.spec.planner import (
+    Plan,
+    Row,
+    amortised_catch_up,
+    catch_up_seconds,
+    expected_tokens,
+    plan_windows,
+    step_seconds,
+)
 
 Key = tuple[str, float, bool]  # (task profile, τ, greedy): rows that should accept alike
 
@@ -49,6 +57,7 @@ class RowInput:
     cap: int  # request cap and tokens left; 0 on the step that admits it (its first token costs target-only)
     catch_up: int  # tokens a separate draft forward would read first (engine/spec/drafter.py)
     fixed: bool = False  # drafts exactly `cap`; the planner only costs it
+    remaining: int | None = None  # tokens the request may still emit: the horizon a catch-up forward serves
 
 
 @dataclass(slots=True)
@@ -99,7 +108,7 @@ class AutoWindow:
         return self._probe(inputs, rows, plan)
 
     def _rows(self, inputs: list[RowInput]) -> list[Row]:
-        return [Row(self.row_upper(r), r.cap, r.catch_up, r.fixed) for r in inputs]
+        return [Row(self.row_upper(r), r.cap, r.catch_up, r.fixed, r.remaining) for r in inputs]
 
     def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
         """A key never measured gets one drafting row (`probe_window`) at once, so a new profile learns its
@@ -143,8 +152,8 @@ class AutoWindow:
         they measure it without mixing in any error of the draft costs; drafting steps without a catch-up forward
         then teach the cost of a draft depth beyond its forward. The guard sums `guard_steps` drafting steps (one
         step's luck says nothing) and backs off when they took longer than plain decoding (forward plus overhead)
-        would have for the same tokens; a catch-up forward counts there as the planner counts it, spread over
-        `amortize` cycles (a new request's deferred draft prefill is one, and charging it in full to the next
+        would have for the same tokens; a catch-up forward counts there as the planner counts it, spread over the
+        cycles it serves (a new request's deferred draft prefill is one, and charging it in full to the next
         `guard_steps` steps stopped drafting for every request where drafting paid)."""
         c = self.config
         for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
@@ -166,7 +175,8 @@ class AutoWindow:
             nudge = 0.01 * plan.seconds / depth
             self.per_depth = max(0.0, self.per_depth + (nudge if seconds > plan.seconds else -nudge))
         g = self.guard
-        g.steps, g.seconds = g.steps + 1, g.seconds + seconds - invest * (1.0 - 1.0 / c.amortize)
+        share = amortised_catch_up(self.cost, plan.windows, rows, self.bonus, c.amortize)
+        g.steps, g.seconds = g.steps + 1, g.seconds + seconds - invest + share
         g.plain_seconds += emitted * plain_step / len(inputs)
         if g.steps < c.guard_steps:
             return

@@ -34,6 +34,7 @@ class Row:
     cap: int  # largest window allowed (request cap, tokens left)
     catch_up: int  # tokens a separate draft forward must read before this row drafts (0: none, see Drafter)
     fixed: bool = False  # the request asked for exactly `cap` (speculative_window "fixed")
+    remaining: int | None = None  # tokens the request may still emit (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,26 @@ def catch_up_seconds(cost: StepCost, windows: list[int] | tuple[int, ...], rows:
     return cost.draft(len(lagging), max(lagging)) if lagging else 0.0
 
 
+def horizon(row: Row, bonus: bool, amortize: float) -> float:
+    """Cycles a row's catch-up forward is spread over when choosing: those its remaining tokens take at its cap
+    (the forward serves every one of them), at most `amortize`, at least one."""
+    if row.remaining is None:
+        return amortize
+    cycles = row.remaining / expected_tokens(row.alpha, max(row.cap, 1), bonus)
+    return min(amortize, max(1.0, cycles))
+
+
+def amortised_catch_up(
+    cost: StepCost, windows: list[int] | tuple[int, ...], rows: list[Row], bonus: bool, amortize: float
+) -> float:
+    """The catch-up forward's share of one cycle: its cost over the shortest horizon of the rows it serves."""
+    lagging = [b for b, w in enumerate(windows) if w > 0 and rows[b].catch_up > 0]
+    if not lagging:
+        return 0.0
+    spread = min(horizon(rows[b], bonus, amortize) for b in lagging)
+    return cost.draft(len(lagging), max(rows[b].catch_up for b in lagging)) / spread
+
+
 def step_seconds(cost: StepCost, windows: list[int], rows: list[Row], per_depth: float = 0.0) -> float:
     """Predicted seconds of one step: the drafts (a catch-up forward for lagging rows, then one forward per depth
     over the rows still drafting, each with `per_depth` seconds of its own beyond the forward) and one verify over
@@ -68,8 +89,8 @@ def plan_windows(
     rows: list[Row], cost: StepCost, bonus: bool, amortize: float, overhead: float = 0.0, per_depth: float = 0.0
 ) -> Plan:
     """The best plan of the depth-by-depth search; `fixed` rows keep their cap and are costed, not chosen. A
-    lagging row's catch-up forward counts `1 / amortize` of its cost when choosing (it is paid once, then serves
-    every later cycle), in full in the predicted time. `overhead` is what a step costs beyond its forwards
+    lagging row's catch-up forward counts a share of its cost when choosing (it is paid once, then serves every
+    later cycle: `horizon`), in full in the predicted time. `overhead` is what a step costs beyond its forwards
     (sampling, bookkeeping): the same for every plan, it makes tokens per step worth more. `per_depth` is what each
     draft depth costs beyond its forward (the draft's logits, the choice of its tokens, batch building)."""
     n = len(rows)
@@ -80,10 +101,11 @@ def plan_windows(
     tail = [0.0] * (deepest + 2)  # tail[k]: the fixed rows' draft forwards deeper than k
     for k in range(deepest - 1, -1, -1):
         tail[k] = tail[k + 1] + cost.draft(fixed_at[k + 1], 1)
-    lags = [r.catch_up for r, w in zip(rows, windows, strict=True) if w > 0 and r.catch_up > 0]
+    lags = [b for b, w in enumerate(windows) if w > 0 and rows[b].catch_up > 0]  # lagging drafting rows
 
-    def catch_up(lengths: list[int]) -> float:
-        return cost.draft(len(lengths), max(lengths)) / amortize if lengths else 0.0
+    def catch_up(lagging: list[int]) -> float:
+        marks = [1 if b in lagging else 0 for b in range(n)]
+        return amortised_catch_up(cost, marks, rows, bonus, amortize)
 
     gained = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, windows, strict=True))
     decided = 0.0  # draft forwards of the depths settled so far
@@ -100,7 +122,7 @@ def plan_windows(
         for j, b in enumerate(candidates, start=1):
             extra += expected_tokens(rows[b].alpha, k, bonus) - expected_tokens(rows[b].alpha, k - 1, bonus)
             if k == 1 and rows[b].catch_up > 0:
-                trial.append(rows[b].catch_up)
+                trial.append(b)
             seconds = verify + decided + cost.draft(fixed_at[k] + j, 1) + tail[k] + catch_up(trial)
             rate = (gained + extra) / seconds
             if top is None or rate > top[0]:
@@ -110,7 +132,7 @@ def plan_windows(
         for b in candidates[:j]:
             windows[b] = k
             if k == 1 and rows[b].catch_up > 0:
-                lags.append(rows[b].catch_up)
+                lags.append(b)
         gained += extra
         decided += cost.draft(fixed_at[k] + j, 1)
         if rate > best[0]:
