@@ -304,7 +304,8 @@ def pooled_ttft(cells: list[Json], levels: list[int], names: list[str]) -> list[
     """TTFT compared request by request: the i-th request of every cell of a round sends the same prompt, so each
     request of a mode is paired with no-spec's request of the same index, round and level (prompt length drives
     prefill time, and faster modes reach more prompts, so unpaired medians mix different prompts). Reports the
-    median of the paired ratios, all rounds pooled, with a 95% bootstrap interval, and the unpaired medians."""
+    median of the paired ratios, all rounds pooled, with a 95% bootstrap interval, and each side's median TTFT
+    over the same pairs."""
     rng = random.Random(0)
 
     def ttfts(cell: Json) -> dict[int, float]:

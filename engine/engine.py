@@ -153,8 +153,8 @@ class Engine:
         want_hidden = self.judge.uses_draft_hidden
         cut = arrived if plan is not None and self._may_cut() else None
         if self.drafter is not None and any(widths):
-            fixed = [s.request.spec.fixed_window for s in seqs]
-            proposal = self.drafter.propose(seqs, widths, want_hidden, cut, [not f for f in fixed])
+            cuttable = [not s.request.spec.fixed_window for s in seqs]
+            proposal = self.drafter.propose(seqs, widths, want_hidden, cut, cuttable)
         else:
             proposal = DraftProposal([[] for _ in seqs], None, None, [s.draft_len for s in seqs])
         t2 = self.clock()

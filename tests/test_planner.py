@@ -261,5 +261,5 @@ def test_a_catch_up_is_spread_over_the_cycles_the_rows_remaining_tokens_take() -
     assert horizon(Row(0.9, 4, 300), True, 64) == 64  # remaining unknown: the cap
     assert plan_windows([long], c, bonus=True, amortize=64).windows == (4,)
     assert plan_windows([short], c, bonus=True, amortize=64).windows == (0,)  # it would not pay itself back
-    assert amortised_catch_up(c, (4,), [long], True, 64) == pytest.approx(catch_up / 64)
-    assert amortised_catch_up(c, (4, 4), [long, short], True, 64) == pytest.approx(c.draft(2, 300) * per_cycle / 8)
+    assert amortised_catch_up(c, [0], [long], True, 64) == pytest.approx(catch_up / 64)
+    assert amortised_catch_up(c, [0, 1], [long, short], True, 64) == pytest.approx(c.draft(2, 300) * per_cycle / 8)

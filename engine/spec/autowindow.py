@@ -17,6 +17,7 @@ from engine.spec.planner import (
     amortised_catch_up,
     catch_up_seconds,
     expected_tokens,
+    lagging_rows,
     plan_windows,
     step_seconds,
 )
@@ -169,13 +170,14 @@ class AutoWindow:
             self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - (plan.seconds - self.overhead)))
             return
         rows = self._rows(inputs)
-        invest = catch_up_seconds(self.cost, plan.windows, rows)
+        lagging = lagging_rows(plan.windows, rows)
+        invest = catch_up_seconds(self.cost, lagging, rows)
         if invest == 0.0:  # a sign step tracks the median error: one slow step (a pause) cannot stop drafting
             depth = max(plan.windows)
             nudge = 0.01 * plan.seconds / depth
             self.per_depth = max(0.0, self.per_depth + (nudge if seconds > plan.seconds else -nudge))
         g = self.guard
-        share = amortised_catch_up(self.cost, plan.windows, rows, self.bonus, c.amortize)
+        share = amortised_catch_up(self.cost, lagging, rows, self.bonus, c.amortize)
         g.steps, g.seconds = g.steps + 1, g.seconds + seconds - invest + share
         g.plain_seconds += emitted * plain_step / len(inputs)
         if g.steps < c.guard_steps:

@@ -48,10 +48,14 @@ class Plan:
         return self.expected_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def catch_up_seconds(cost: StepCost, windows: list[int] | tuple[int, ...], rows: list[Row]) -> float:
-    """The draft forward that catches lagging drafting rows up before they draft (0 when none lags)."""
-    lagging = [r.catch_up for r, w in zip(rows, windows, strict=True) if w > 0 and r.catch_up > 0]
-    return cost.draft(len(lagging), max(lagging)) if lagging else 0.0
+def lagging_rows(windows: list[int] | tuple[int, ...], rows: list[Row]) -> list[int]:
+    """Drafting rows whose draft cache must be caught up by a forward of its own first."""
+    return [b for b, w in enumerate(windows) if w > 0 and rows[b].catch_up > 0]
+
+
+def catch_up_seconds(cost: StepCost, lagging: list[int], rows: list[Row]) -> float:
+    """The one draft forward that catches the `lagging` rows up (0 when there are none)."""
+    return cost.draft(len(lagging), max(rows[b].catch_up for b in lagging)) if lagging else 0.0
 
 
 def horizon(row: Row, bonus: bool, amortize: float) -> float:
@@ -63,15 +67,12 @@ def horizon(row: Row, bonus: bool, amortize: float) -> float:
     return min(amortize, max(1.0, cycles))
 
 
-def amortised_catch_up(
-    cost: StepCost, windows: list[int] | tuple[int, ...], rows: list[Row], bonus: bool, amortize: float
-) -> float:
+def amortised_catch_up(cost: StepCost, lagging: list[int], rows: list[Row], bonus: bool, amortize: float) -> float:
     """The catch-up forward's share of one cycle: its cost over the shortest horizon of the rows it serves."""
-    lagging = [b for b, w in enumerate(windows) if w > 0 and rows[b].catch_up > 0]
     if not lagging:
         return 0.0
     spread = min(horizon(rows[b], bonus, amortize) for b in lagging)
-    return cost.draft(len(lagging), max(rows[b].catch_up for b in lagging)) / spread
+    return catch_up_seconds(cost, lagging, rows) / spread
 
 
 def step_seconds(cost: StepCost, windows: list[int], rows: list[Row], per_depth: float = 0.0) -> float:
@@ -79,7 +80,8 @@ def step_seconds(cost: StepCost, windows: list[int], rows: list[Row], per_depth:
     over the rows still drafting, each with `per_depth` seconds of its own beyond the forward) and one verify over
     `1 + max W` tokens per row."""
     depth = max(windows, default=0)
-    seconds = cost.target(len(windows), 1 + depth) + catch_up_seconds(cost, windows, rows) + depth * per_depth
+    seconds = cost.target(len(windows), 1 + depth) + catch_up_seconds(cost, lagging_rows(windows, rows), rows)
+    seconds += depth * per_depth
     for k in range(1, depth + 1):
         seconds += cost.draft(sum(w >= k for w in windows), 1)
     return seconds
@@ -101,11 +103,10 @@ def plan_windows(
     tail = [0.0] * (deepest + 2)  # tail[k]: the fixed rows' draft forwards deeper than k
     for k in range(deepest - 1, -1, -1):
         tail[k] = tail[k + 1] + cost.draft(fixed_at[k + 1], 1)
-    lags = [b for b, w in enumerate(windows) if w > 0 and rows[b].catch_up > 0]  # lagging drafting rows
+    lags = lagging_rows(windows, rows)
 
     def catch_up(lagging: list[int]) -> float:
-        marks = [1 if b in lagging else 0 for b in range(n)]
-        return amortised_catch_up(cost, marks, rows, bonus, amortize)
+        return amortised_catch_up(cost, lagging, rows, bonus, amortize)
 
     gained = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, windows, strict=True))
     decided = 0.0  # draft forwards of the depths settled so far
