@@ -158,7 +158,7 @@ class PlannerConfig:
     row_decay: float = 0.9  # EMA factor per observed cycle of a row's acceptance
     key_decay: float = 0.98  # ... of the (profile, τ, greedy) history that seeds new rows
     row_weight: float = 4.0  # pseudo-positions of the profile history in a row's estimate
-    optimism: float = 1.0  # standard errors added to a row's estimate when choosing (0: choose on the estimate)
+    optimism: float = 1.0  # standard errors added to a row's estimate to decide whether it drafts (0: none)
     # Most cycles a draft catch-up forward is spread over when choosing (fewer when the row's remaining tokens
     # will take fewer): a new request's deferred draft prefill costs several steps and serves the whole request.
     amortize: float = 64.0

@@ -11,7 +11,7 @@ from engine.config import PlannerConfig
 from engine.spec.autowindow import AutoWindow, RowInput, Tally
 from engine.spec.cost import ForwardCost, StepCost, interpolate
 from engine.spec.planner import Plan, Row, amortised_catch_up, expected_tokens, horizon, plan_windows, step_seconds
-from engine.spec.profiler import grid
+from engine.spec.profiler import draft_tokens, grid
 
 
 def linear_cost(fixed: float, per_token: float, rows: tuple[int, ...] = (1, 4, 16), tokens=(1, 3, 9)) -> ForwardCost:
@@ -41,6 +41,8 @@ def test_profile_grid_spans_one_row_to_all_slots_and_one_token_to_k_plus_one() -
     assert grid(16, 8) == ((1, 2, 4, 8, 16), (1, 2, 3, 5, 9))
     assert grid(6, 4) == ((1, 2, 4, 6), (1, 2, 3, 5))
     assert grid(1, 1) == ((1,), (1, 2))
+    assert draft_tokens((1, 2, 3, 5, 9), 8192) == (1, 2, 3, 5, 9, 64, 256)  # catch-up forwards are measured too
+    assert draft_tokens((1, 2, 3, 5, 9), 256) == (1, 2, 3, 5, 9, 64)  # what fits half the positions
 
 
 def test_expected_tokens_follow_the_geometric_model() -> None:
@@ -263,3 +265,41 @@ def test_a_catch_up_is_spread_over_the_cycles_the_rows_remaining_tokens_take() -
     assert plan_windows([short], c, bonus=True, amortize=64).windows == (0,)  # it would not pay itself back
     assert amortised_catch_up(c, [0], [long], True, 64) == pytest.approx(catch_up / 64)
     assert amortised_catch_up(c, [0, 1], [long, short], True, 64) == pytest.approx(c.draft(2, 300) * per_cycle / 8)
+
+
+def test_a_floor_starts_the_search_at_one_and_the_estimate_chooses_the_depth() -> None:
+    c = cost(0.0, 0.01, 0.004, 0.004)  # drafting never pays on its own here
+    assert plan_windows([Row(0.9, 8, 0)], c, bonus=True, amortize=16).windows == (0,)
+    floored = plan_windows([Row(0.9, 8, 0, floor=1)], c, bonus=True, amortize=16)
+    assert floored.windows == (1,)  # held at its floor, no deeper
+    assert floored.seconds == pytest.approx(step_seconds(c, [1], [Row(0.9, 8, 0)]))
+    cheap = cost(0.1, 0.0, 0.005, 0.0)  # a flat verify: a floored row goes as deep as it pays
+    assert plan_windows([Row(0.9, 8, 0, floor=1)], cheap, bonus=True, amortize=16).windows == (8,)
+    assert plan_windows([Row(0.9, 0, 0, floor=1)], cheap, bonus=True, amortize=16).windows == (0,)  # cap first
+    mixed = [Row(0.2, 3, 0, fixed=True), Row(0.9, 8, 0, floor=1), Row(0.9, 8, 0, floor=1)]
+    plan = plan_windows(mixed, cheap, bonus=True, amortize=16)
+    assert plan.windows == (3, 8, 8) and plan.seconds == pytest.approx(step_seconds(cheap, [3, 8, 8], mixed))
+
+
+def test_optimism_decides_whether_a_row_drafts_and_the_estimate_how_far() -> None:
+    c = cost(0.05, 0.004, 0.02, 0.0)
+    on_estimate = PlannerConfig(optimism=0.0, probe_every=0)
+    hopeful = PlannerConfig(optimism=1.0, probe_every=0)
+    key = ("judge", 0.5, True)
+    # a thin, unlucky start under a low prior: the estimate says "do not draft", its upper bound says "draft"
+    thin = {"r0": Tally(1.0, 3.0)}
+    inputs = [RowInput("r0", key, 8, 0)]
+    aws = [AutoWindow(cfg, c, bonus=True) for cfg in (on_estimate, hopeful)]
+    for aw in aws:
+        aw.rows = dict(thin)
+        aw.keys = {key: Tally(1.0, 3.0)}
+    assert aws[0].plan(inputs).windows == (0,)
+    assert aws[1].plan(inputs).windows[0] > 0
+    # well measured: the upper bound is longer than the estimate, but the window is the estimate's
+    measured = {"r0": Tally(42.0, 50.0)}
+    for aw in aws:
+        aw.rows = dict(measured)
+    chosen = aws[1].plan(inputs).windows[0]
+    assert chosen == aws[0].plan(inputs).windows[0] > 0
+    upper = plan_windows([Row(aws[1].row_upper(inputs[0]), 8, 0)], c, bonus=True, amortize=64).windows[0]
+    assert upper > chosen

@@ -92,7 +92,7 @@ class AutoWindow:
         return self.rows.get(row.request_id, Tally()).alpha(prior, self.config.row_weight)
 
     def row_upper(self, row: RowInput) -> float:
-        """What the planner chooses on: the row's estimate with `optimism` standard errors added."""
+        """The row's estimate with `optimism` standard errors added: what decides whether it drafts at all."""
         c = self.config
         return self.rows.get(row.request_id, Tally()).upper(self.key_alpha(row.key), c.row_weight, c.optimism)
 
@@ -103,13 +103,24 @@ class AutoWindow:
         rows = self._rows(inputs)
         if self.guard.backoff_left > 0:
             self.guard.backoff_left -= 1
-            held = [r if r.fixed else replace(r, cap=0) for r in rows]
-            return plan_windows(held, self.cost, self.bonus, self.config.amortize, self.overhead, self.per_depth)
-        plan = plan_windows(rows, self.cost, self.bonus, self.config.amortize, self.overhead, self.per_depth)
-        return self._probe(inputs, rows, plan)
+            return self._search([r if r.fixed else replace(r, cap=0) for r in rows])
+        return self._probe(inputs, rows, self._choose(inputs, rows))
+
+    def _choose(self, inputs: list[RowInput], rows: list[Row]) -> Plan:
+        """Optimism decides which rows draft, the estimate how far. A row whose upper bound says "draft" keeps
+        drafting while its estimate is thin (an unlucky first few cycles cannot stop a row whose drafts pay: once
+        stopped, its estimate would get no new evidence), but choosing the depth on the upper bound too would
+        lengthen every window by the bound's margin, which stays wide under the row's short memory."""
+        if not self.config.optimism:
+            return self._search(rows)
+        hopeful = self._search([replace(r, alpha=self.row_upper(i)) for r, i in zip(rows, inputs, strict=True)])
+        return self._search([replace(r, floor=int(w > 0)) for r, w in zip(rows, hopeful.windows, strict=True)])
+
+    def _search(self, rows: list[Row]) -> Plan:
+        return plan_windows(rows, self.cost, self.bonus, self.config.amortize, self.overhead, self.per_depth)
 
     def _rows(self, inputs: list[RowInput]) -> list[Row]:
-        return [Row(self.row_upper(r), r.cap, r.catch_up, r.fixed, r.remaining) for r in inputs]
+        return [Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed, r.remaining) for r in inputs]
 
     def _probe(self, inputs: list[RowInput], rows: list[Row], plan: Plan) -> Plan:
         """A key never measured gets one drafting row (`probe_window`) at once, so a new profile learns its

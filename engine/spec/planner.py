@@ -35,6 +35,11 @@ class Row:
     catch_up: int  # tokens a separate draft forward must read before this row drafts (0: none, see Drafter)
     fixed: bool = False  # the request asked for exactly `cap` (speculative_window "fixed")
     remaining: int | None = None  # tokens the request may still emit (None: unknown)
+    floor: int = 0  # least window the search gives it (at most `cap`): drafting was decided already
+
+    def start(self) -> int:
+        """Its window before the search adds depth: the cap of a fixed row, else its floor."""
+        return self.cap if self.fixed else min(self.floor, self.cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,19 +95,20 @@ def step_seconds(cost: StepCost, windows: list[int], rows: list[Row], per_depth:
 def plan_windows(
     rows: list[Row], cost: StepCost, bonus: bool, amortize: float, overhead: float = 0.0, per_depth: float = 0.0
 ) -> Plan:
-    """The best plan of the depth-by-depth search; `fixed` rows keep their cap and are costed, not chosen. A
-    lagging row's catch-up forward counts a share of its cost when choosing (it is paid once, then serves every
-    later cycle: `horizon`), in full in the predicted time. `overhead` is what a step costs beyond its forwards
-    (sampling, bookkeeping): the same for every plan, it makes tokens per step worth more. `per_depth` is what each
-    draft depth costs beyond its forward (the draft's logits, the choice of its tokens, batch building)."""
+    """The best plan of the depth-by-depth search; `fixed` rows keep their cap and are costed, not chosen, and a
+    row's `floor` is where its search starts. A lagging row's catch-up forward counts a share of its cost when
+    choosing (it is paid once, then serves every later cycle: `horizon`), in full in the predicted time. `overhead`
+    is what a step costs beyond its forwards (sampling, bookkeeping): the same for every plan, it makes tokens per
+    step worth more. `per_depth` is what each draft depth costs beyond its forward (the draft's logits, the choice
+    of its tokens, batch building)."""
     n = len(rows)
-    windows = [r.cap if r.fixed else 0 for r in rows]
+    windows = [r.start() for r in rows]
     deepest = max((r.cap for r in rows), default=0)
-    fixed_depth = max((r.cap for r in rows if r.fixed), default=0)
-    fixed_at = [sum(r.fixed and r.cap >= k for r in rows) for k in range(deepest + 2)]  # fixed rows at depth k
-    tail = [0.0] * (deepest + 2)  # tail[k]: the fixed rows' draft forwards deeper than k
+    base_depth = max(windows, default=0)
+    committed = [sum(w >= k for w in windows) for k in range(deepest + 2)]  # rows already at depth k
+    tail = [0.0] * (deepest + 2)  # tail[k]: the committed rows' draft forwards deeper than k
     for k in range(deepest - 1, -1, -1):
-        tail[k] = tail[k + 1] + cost.draft(fixed_at[k + 1], 1)
+        tail[k] = tail[k + 1] + cost.draft(committed[k + 1], 1)
     lags = lagging_rows(windows, rows)
 
     def catch_up(lagging: list[int]) -> float:
@@ -110,21 +116,24 @@ def plan_windows(
 
     gained = sum(expected_tokens(r.alpha, w, bonus) for r, w in zip(rows, windows, strict=True))
     decided = 0.0  # draft forwards of the depths settled so far
-    base = overhead + cost.target(n, 1 + fixed_depth) + fixed_depth * per_depth + tail[0] + catch_up(lags)
+    base = overhead + cost.target(n, 1 + base_depth) + base_depth * per_depth + tail[0] + catch_up(lags)
     best = (gained / base, tuple(windows))
     for k in range(1, deepest + 1):
         candidates = [b for b in range(n) if not rows[b].fixed and windows[b] == k - 1 and rows[b].cap >= k]
-        candidates.sort(key=lambda b: -rows[b].alpha)
         if not candidates:
-            break
-        verify = overhead + cost.target(n, 1 + max(k, fixed_depth)) + max(k, fixed_depth) * per_depth
+            if committed[k] == 0:
+                break  # nothing reaches this depth, so nothing goes deeper
+            decided += cost.draft(committed[k], 1)
+            continue
+        candidates.sort(key=lambda b: -rows[b].alpha)
+        verify = overhead + cost.target(n, 1 + max(k, base_depth)) + max(k, base_depth) * per_depth
         top: tuple[float, int, float] | None = None  # (tokens per second, rows, tokens gained)
         extra, trial = 0.0, list(lags)
         for j, b in enumerate(candidates, start=1):
             extra += expected_tokens(rows[b].alpha, k, bonus) - expected_tokens(rows[b].alpha, k - 1, bonus)
             if k == 1 and rows[b].catch_up > 0:
                 trial.append(b)
-            seconds = verify + decided + cost.draft(fixed_at[k] + j, 1) + tail[k] + catch_up(trial)
+            seconds = verify + decided + cost.draft(committed[k] + j, 1) + tail[k] + catch_up(trial)
             rate = (gained + extra) / seconds
             if top is None or rate > top[0]:
                 top = (rate, j, extra)
@@ -135,7 +144,7 @@ def plan_windows(
             if k == 1 and rows[b].catch_up > 0:
                 lags.append(b)
         gained += extra
-        decided += cost.draft(fixed_at[k] + j, 1)
+        decided += cost.draft(committed[k] + j, 1)
         if rate > best[0]:
             best = (rate, tuple(windows))
     chosen = list(best[1])
