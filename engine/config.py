@@ -160,7 +160,8 @@ class PlannerConfig:
     row_weight: float = 4.0  # pseudo-positions of the profile history in a row's estimate
     optimism: float = 1.0  # standard errors added to a row's estimate to decide whether it drafts (0: none)
     # Most cycles a draft catch-up forward is spread over when choosing (fewer when the row's remaining tokens
-    # will take fewer): a new request's deferred draft prefill costs several steps and serves the whole request.
+    # will take fewer, or when rows have drafted fewer cycles per catch-up of late): a new request's deferred
+    # draft prefill costs several steps and serves the whole request.
     amortize: float = 64.0
     probe_every: int = 64  # steps without an observation of a profile before one row of it drafts anyway (0: never)
     probe_window: int = 4  # the window of that row (a new profile is probed at once)

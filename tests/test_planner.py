@@ -303,3 +303,37 @@ def test_optimism_decides_whether_a_row_drafts_and_the_estimate_how_far() -> Non
     assert chosen == aws[0].plan(inputs).windows[0] > 0
     upper = plan_windows([Row(aws[1].row_upper(inputs[0]), 8, 0)], c, bonus=True, amortize=64).windows[0]
     assert upper > chosen
+
+
+def test_a_catch_up_is_spread_over_the_cycles_rows_have_drafted_per_catch_up() -> None:
+    """Under a load that flips the plan, a row that starts drafting pays a catch-up that serves only a few cycles
+    before it stops again; the planner learns how many and stops starting rows whose catch-up would not pay."""
+    c = cost(0.1, 0.0, 0.005, 0.002)
+    aw = AutoWindow(PlannerConfig(probe_every=0, amortize=64), c, bonus=True)
+    key = ("lossless", 0.0, True)
+    lagging = RowInput("r0", key, 4, 3000, remaining=4000)
+    assert aw.amortize == 64 and aw.plan([lagging]).windows == (4,)
+    for _ in range(30):  # a catch-up, two drafting cycles, then a stop (a window of 0): episodes of 3 cycles
+        aw.observe([lagging], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+        steady = RowInput("r0", key, 4, 0, remaining=4000)
+        for _ in range(2):
+            aw.observe([steady], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+        aw.observe([steady], Plan((0,), 1.0, 0.1), [0], 0.1, 1)
+    assert aw.episode_len == pytest.approx(3.0, abs=0.5) and aw.amortize == aw.episode_len
+    assert aw.plan([lagging]).windows == (0,)  # the same row no longer pays its catch-up back
+    # a row that drafts from its catch-up to its end teaches the long horizon back
+    aw.observe([RowInput("r1", key, 4, 300)], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+    for _ in range(59):
+        aw.observe([RowInput("r1", key, 4, 0)], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+    aw.plan([RowInput("r2", key, 4, 0)])  # r1 has left: its episode of 60 cycles ends
+    assert aw.episode_len == pytest.approx(0.8 * 3.0 + 0.2 * 60, abs=0.5)
+
+
+def test_a_probe_that_stops_at_once_teaches_nothing_of_episode_length() -> None:
+    c = cost(0.0, 0.01, 0.004, 0.004)  # the planner never drafts: only the probe does
+    aw = AutoWindow(PlannerConfig(probe_every=4, probe_budget=0.99), c, bonus=True)
+    inputs = [RowInput("r0", ("lossless", 0.0, True), 8, 50)]
+    for _ in range(400):
+        plan = aw.plan(inputs)
+        aw.observe(inputs, plan, [min(plan.windows[0], 2)], plan.seconds, 1 + min(plan.windows[0], 2))
+    assert aw.probes >= 3 and aw.episode_len == 64.0

@@ -83,6 +83,12 @@ class AutoWindow:
         self.backoffs = 0  # times the guard tripped
         self.overhead = 0.0  # EMA of a plain step's seconds beyond its forward (the cost model's online part)
         self.per_depth = 0.0  # what each draft depth costs beyond its forward: the median, from drafting steps
+        # Cycles a catch-up forward serves: each row's drafting cycles since its last catch-up, and their EMA over
+        # finished episodes, which caps the cycles a catch-up is spread over (`horizon`).
+        self.episodes: dict[str, int] = {}
+        self.episode_len = config.amortize
+        self.probed: set[str] = set()  # rows a probe made draft this step, then rows whose episode a probe began
+        self.probe_begun: set[str] = set()
 
     def key_alpha(self, key: Key) -> float:
         return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
@@ -100,6 +106,9 @@ class AutoWindow:
         self.step += 1
         live = {r.request_id for r in inputs}
         self.rows = {k: v for k, v in self.rows.items() if k in live}  # finished and aborted rows leave
+        for gone in [k for k in self.episodes if k not in live]:
+            self._end_episode(gone)
+        self.probed = set()
         rows = self._rows(inputs)
         if self.guard.backoff_left > 0:
             self.guard.backoff_left -= 1
@@ -117,7 +126,24 @@ class AutoWindow:
         return self._search([replace(r, floor=int(w > 0)) for r, w in zip(rows, hopeful.windows, strict=True)])
 
     def _search(self, rows: list[Row]) -> Plan:
-        return plan_windows(rows, self.cost, self.bonus, self.config.amortize, self.overhead, self.per_depth)
+        return plan_windows(rows, self.cost, self.bonus, self.amortize, self.overhead, self.per_depth)
+
+    @property
+    def amortize(self) -> float:
+        """Most cycles a catch-up forward is spread over: the configured cap, or fewer where rows have been
+        drafting only a few cycles per catch-up (under a load that flips the plan between drafting and not,
+        each restart pays a catch-up that serves only until the next flip)."""
+        return max(1.0, min(self.config.amortize, self.episode_len))
+
+    def _end_episode(self, request_id: str) -> None:
+        """A row's drafting cycles since its last catch-up are known: fold them into the EMA, unless a probe
+        began the episode and it stopped there (one forced step says nothing of how long drafting would last)."""
+        length = self.episodes.pop(request_id)
+        if request_id in self.probe_begun and length <= 1:
+            self.probe_begun.discard(request_id)
+            return
+        self.probe_begun.discard(request_id)
+        self.episode_len = 0.8 * self.episode_len + 0.2 * length
 
     def _rows(self, inputs: list[RowInput]) -> list[Row]:
         return [Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed, r.remaining) for r in inputs]
@@ -140,6 +166,7 @@ class AutoWindow:
             due = seen is None or (self.step - seen >= c.probe_every and self.probe_debt == 0.0)
             if due and r.key not in drafting and r.cap > 0:
                 windows[b] = min(r.cap, c.probe_window)
+                self.probed.add(r.request_id)
                 drafting.add(r.key)
                 self.last_seen[r.key] = self.step
                 self.probes += 1
@@ -171,6 +198,14 @@ class AutoWindow:
         for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
             if w == 0:
                 continue
+            if r.catch_up > 0:  # this step's catch-up forward begins a new episode
+                if r.request_id in self.episodes:
+                    self._end_episode(r.request_id)
+                self.episodes[r.request_id] = 0
+                if r.request_id in self.probed:
+                    self.probe_begun.add(r.request_id)
+            if r.request_id in self.episodes:
+                self.episodes[r.request_id] += 1
             self.rows[r.request_id] = self.rows.get(r.request_id, Tally()).observe(w, n, c.row_decay)
             self.keys[r.key] = self.keys.get(r.key, Tally()).observe(w, n, c.key_decay)
             self.last_seen[r.key] = self.step
@@ -188,7 +223,7 @@ class AutoWindow:
             nudge = 0.01 * plan.seconds / depth
             self.per_depth = max(0.0, self.per_depth + (nudge if seconds > plan.seconds else -nudge))
         g = self.guard
-        share = amortised_catch_up(self.cost, lagging, rows, self.bonus, c.amortize)
+        share = amortised_catch_up(self.cost, lagging, rows, self.bonus, self.amortize)
         g.steps, g.seconds = g.steps + 1, g.seconds + seconds - invest + share
         g.plain_seconds += emitted * plain_step / len(inputs)
         if g.steps < c.guard_steps:
