@@ -41,13 +41,12 @@ class Tally:
     seconds: float = 0.0
 
 
-def kind(stats: StepStats, drafted_before: set[str]) -> str:
-    """plain, W=<deepest window>, and "+catch-up" when a drafting row did not draft the step before (a new
-    request's deferred draft prefill, or the tokens it emitted while not drafting, are read first)."""
+def kind(stats: StepStats) -> str:
+    """plain, W=<deepest window>, and "+catch-up" when a catch-up forward read a drafting row's lagging draft
+    cache first (a new request's deferred draft prefill, or the tokens it emitted while not drafting)."""
     if not any(stats.windows):
         return "plain"
-    fresh = any(r.request_id not in drafted_before for r in stats.rows if r.counts is not None)
-    return f"W={max(stats.windows)}" + (" +catch-up" if fresh else "")
+    return f"W={max(stats.windows)}" + (" +catch-up" if stats.caught_up else "")
 
 
 def run_mode(
@@ -74,15 +73,13 @@ def run_mode(
         for out in outs:
             if out.finished:
                 submit()
-    drafted: set[str] = set()
     for stats in collected:
         tally.tokens += stats.num_generated_tokens
         if stats.predicted_seconds and stats.num_prefill_tokens == 0:
             measured = stats.seconds_step - stats.seconds_prefill - stats.seconds_plan  # as the server's metrics
-            k = kind(stats, drafted)
+            k = kind(stats)
             tally.measured[k].append(measured)
             tally.predicted[k].append(stats.predicted_seconds)
-        drafted = {r.request_id for r in stats.rows if r.counts is not None}
     for s in [*engine.scheduler.running, *engine.scheduler.waiting]:  # release every slot before the next mode
         engine.abort(s.request_id)
     engine.on_step = None

@@ -152,6 +152,7 @@ class Engine:
         t_plan = self.clock()
         want_hidden = self.judge.uses_draft_hidden
         cut = arrived if plan is not None and self._may_cut() else None
+        lagging = [catch_up_tokens(s) > 0 for s in seqs]  # before the drafter reads their caches
         if self.drafter is not None and any(widths):
             cuttable = [not s.request.spec.fixed_window for s in seqs]
             proposal = self.drafter.propose(seqs, widths, want_hidden, cut, cuttable)
@@ -200,6 +201,7 @@ class Engine:
                     window_profiles=tuple(s.request.spec.profile for s in seqs),
                     predicted_seconds=_seconds(plan),
                     cut_short=cut_short,
+                    caught_up=sum(lag and w > 0 for lag, w in zip(lagging, widths, strict=True)),
                 )
             )
         return outputs

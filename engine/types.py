@@ -172,3 +172,4 @@ class StepStats:
     window_profiles: tuple[str, ...] = ()  # each running row's task profile, in the order of `windows`
     predicted_seconds: float | None = None  # the `auto` planner's cost-model time of draft + verify + commit
     cut_short: bool = False  # drafting stopped early for a newly arrived request (the windows are what ran)
+    caught_up: int = 0  # drafting rows whose draft cache a catch-up forward of its own read first

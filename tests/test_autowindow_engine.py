@@ -105,6 +105,8 @@ def test_a_rows_first_step_never_drafts(target, draft) -> None:
     engine = auto_engine(target, draft, DRAFTS_PAY, on_step=stats.append)
     run_all(engine, requests(prompts(1, seed=5), width=8))
     assert stats[0].windows == (0,) and stats[1].windows[0] > 0
+    # the deferred draft prefill is one catch-up forward, on the first drafting step only
+    assert stats[1].caught_up == 1 and stats[2].windows[0] > 0 and stats[2].caught_up == 0
 
 
 @pytest.mark.parametrize("plain_admission", [True, False])

@@ -83,12 +83,11 @@ class AutoWindow:
         self.backoffs = 0  # times the guard tripped
         self.overhead = 0.0  # EMA of a plain step's seconds beyond its forward (the cost model's online part)
         self.per_depth = 0.0  # what each draft depth costs beyond its forward: the median, from drafting steps
-        # Cycles a catch-up forward serves: each row's drafting cycles since its last catch-up, and their EMA over
-        # finished episodes, which caps the cycles a catch-up is spread over (`horizon`).
-        self.episodes: dict[str, int] = {}
+        # Cycles a catch-up forward serves: each row's drafting cycles since its last catch-up (and whether a probe
+        # began them), and their EMA over finished episodes, which caps the cycles a catch-up is spread over.
+        self.episodes: dict[str, tuple[int, bool]] = {}
         self.episode_len = config.amortize
-        self.probed: set[str] = set()  # rows a probe made draft this step, then rows whose episode a probe began
-        self.probe_begun: set[str] = set()
+        self.probed: set[str] = set()  # rows a probe made draft this step
 
     def key_alpha(self, key: Key) -> float:
         return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
@@ -138,12 +137,9 @@ class AutoWindow:
     def _end_episode(self, request_id: str) -> None:
         """A row's drafting cycles since its last catch-up are known: fold them into the EMA, unless a probe
         began the episode and it stopped there (one forced step says nothing of how long drafting would last)."""
-        length = self.episodes.pop(request_id)
-        if request_id in self.probe_begun and length <= 1:
-            self.probe_begun.discard(request_id)
-            return
-        self.probe_begun.discard(request_id)
-        self.episode_len = 0.8 * self.episode_len + 0.2 * length
+        length, by_probe = self.episodes.pop(request_id)
+        if not (by_probe and length <= 1):
+            self.episode_len = 0.8 * self.episode_len + 0.2 * length
 
     def _rows(self, inputs: list[RowInput]) -> list[Row]:
         return [Row(self.row_alpha(r), r.cap, r.catch_up, r.fixed, r.remaining) for r in inputs]
@@ -201,11 +197,10 @@ class AutoWindow:
             if r.catch_up > 0:  # this step's catch-up forward begins a new episode
                 if r.request_id in self.episodes:
                     self._end_episode(r.request_id)
-                self.episodes[r.request_id] = 0
-                if r.request_id in self.probed:
-                    self.probe_begun.add(r.request_id)
+                self.episodes[r.request_id] = (0, r.request_id in self.probed)
             if r.request_id in self.episodes:
-                self.episodes[r.request_id] += 1
+                length, by_probe = self.episodes[r.request_id]
+                self.episodes[r.request_id] = (length + 1, by_probe)
             self.rows[r.request_id] = self.rows.get(r.request_id, Tally()).observe(w, n, c.row_decay)
             self.keys[r.key] = self.keys.get(r.key, Tally()).observe(w, n, c.key_decay)
             self.last_seen[r.key] = self.step
