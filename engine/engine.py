@@ -132,6 +132,7 @@ class Engine:
         # A cycle emits at most W (+1 bonus) tokens: never draft past max_tokens.
         bonus = int(self.config.spec.bonus_token)
         widths = [min(s.num_speculative, s.remaining_tokens - bonus) for s in seqs]
+        catch_ups = [catch_up_tokens(s) for s in seqs]  # before the drafter reads the lagging caches
         plan, planned = None, []
         if self.autowindow is not None:
             admitted = {id(s) for s in batch.prefill}  # their first token costs what target-only decoding costs
@@ -141,18 +142,17 @@ class Engine:
                     s.request_id,
                     planner_key(s),
                     0 if plain or id(s) in admitted else w,
-                    catch_up_tokens(s),
+                    lag,
                     s.request.spec.fixed_window,
                     s.remaining_tokens,
                 )
-                for s, w in zip(seqs, widths, strict=True)
+                for s, w, lag in zip(seqs, widths, catch_ups, strict=True)
             ]
             plan = self.autowindow.plan(planned)
             widths = list(plan.windows)
         t_plan = self.clock()
         want_hidden = self.judge.uses_draft_hidden
         cut = arrived if plan is not None and self._may_cut() else None
-        lagging = [catch_up_tokens(s) > 0 for s in seqs]  # before the drafter reads their caches
         if self.drafter is not None and any(widths):
             cuttable = [not s.request.spec.fixed_window for s in seqs]
             proposal = self.drafter.propose(seqs, widths, want_hidden, cut, cuttable)
@@ -201,7 +201,7 @@ class Engine:
                     window_profiles=tuple(s.request.spec.profile for s in seqs),
                     predicted_seconds=_seconds(plan),
                     cut_short=cut_short,
-                    caught_up=sum(lag and w > 0 for lag, w in zip(lagging, widths, strict=True)),
+                    caught_up=sum(lag > 0 and w > 0 for lag, w in zip(catch_ups, widths, strict=True)),
                 )
             )
         return outputs
