@@ -62,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop users per level (comma list)")
     p.add_argument("--windows", default="2,4,8", help="fixed windows measured beside auto (comma list)")
+    p.add_argument("--modes", help="measure only these modes (comma list of names as in the table, e.g. "
+                   "'no-spec,lossless auto'); default: all")  # fmt: skip
+    p.add_argument("--step-log", type=Path, help="the server's per-step JSON lines (its --step-log), for tuning")
     p.add_argument("--duration", type=float, default=40.0, help="seconds per cell")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all cells")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -105,7 +108,9 @@ async def one_cell(url: str, cfg: LoadConfig, prompts: list[Json]) -> Json:
 async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
     levels = [int(c) for c in args.concurrency.split(",")]
     table = modes([int(k) for k in args.windows.split(",")])
-    names = list(table)
+    names = [m.strip() for m in args.modes.split(",")] if args.modes else list(table)
+    if unknown := [m for m in names if m not in table]:
+        raise SystemExit(f"load_report: unknown modes {unknown}; known: {', '.join(table)}")
     cells: list[Json] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
         await server.wait_ready(http, 600.0)
@@ -120,9 +125,10 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
         for c in levels:
             for mode in order:
                 cfg = dataclasses.replace(base, concurrency=c, seed=1000 * r + c, **table[mode])
-                started = time.perf_counter()
+                started, wall = time.perf_counter(), time.time()  # wall: to find the cell in a step log
                 doc = await one_cell(server.url, cfg, prompts)
-                cells.append({"round": r, "concurrency": c, "mode": mode, "report": doc})
+                cells.append({"round": r, "concurrency": c, "mode": mode, "report": doc,
+                              "wall": [wall, time.time()]})
                 tp = doc["throughput"]["output_tokens_per_s"] or 0.0
                 req, took = doc["requests"], time.perf_counter() - started
                 print(f"round {r} c={c:<3} {mode:9} {tp:7.2f} out tok/s, {req['ok']} ok, {req['failed']} failed "
@@ -392,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
     load_before = os.getloadavg()[0]
     server_args = [*SERVER_ARGS, *([] if args.reuse_prefix else ["--no-reuse-prefix"])]
+    server_args += ["--step-log", str(args.step_log)] if args.step_log else []
     server = Server(server_args)
     print(f"server log: {server.log}", file=sys.stderr)
     try:

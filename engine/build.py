@@ -3,6 +3,7 @@ wrap it in an `AsyncEngine`; returns it with the tokenizer and what was loaded (
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from engine.engine import Engine
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
-from engine.model.pair import DTYPES, QUANTIZE, load_pair
+from engine.model.pair import DTYPES, QUANTIZE, load_pair, twin_draft
 from engine.spec.cost import StepCost
 from engine.spec.judging import LOSSLESS, HeadJudge
 from engine.spec.profiler import cached_step_cost, describe, profile_key, profile_step_cost
@@ -77,6 +78,7 @@ class ModelSource:
     threads: int = 0  # CPU threads; 0 keeps torch's choice
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autojudge")
     reprofile: bool = False  # auto windows: measure the step-cost profile again instead of reading its cache
+    share_kv: bool = True  # a twin draft (an int8 copy of the target) reads the target's K/V for unread context
     model_name: str | None = None  # served model id; default: the target file or directory name
     profiles: tuple[ProfileSpec, ...] | None = None  # None: `default_profiles` from `heads`
 
@@ -234,6 +236,8 @@ def build_engine(
         cache_dir=source.cache_dir,
         quantize=source.quantize,
     )
+    if draft is not None and source.share_kv and twin_draft(source.pair, source.target, source.draft):
+        config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, draft_shares_kv=True))
     specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
     pair = judge_fingerprint(target, draft)
     judge, profiles = load_profiles(specs, pair, device)

@@ -197,6 +197,9 @@ class SpecConfig:
     default_speculative_tokens: int = 4
     bonus_token: bool = True
     draft_hidden: bool = False  # DD-DT judge layout: one extra draft forward per cycle
+    # The draft is the target's quantized twin: it reads the target's K/V for context it has not computed
+    # (no draft prefill, no catch-up forward; engine/spec/drafter.py).
+    draft_shares_kv: bool = False
     auto_window: bool = False
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 

@@ -17,7 +17,7 @@ from engine.sequence import Sequence
 from engine.spec.acceptance import autojudge_accept, greedy_match, ratio_test, window_mask
 from engine.spec.autowindow import AutoWindow, RowInput
 from engine.spec.cost import StepCost
-from engine.spec.drafter import Drafter, DraftProposal, catch_up_tokens
+from engine.spec.drafter import Drafter, DraftProposal
 from engine.spec.judging import JudgeInput, MismatchJudge, RejectAllJudge
 from engine.spec.planner import Plan
 from engine.spec.profiler import profile_step_cost
@@ -53,7 +53,8 @@ class Engine:
         self.target = ModelRunner(target, target.new_cache(slots, cache_len), self.device)
         self.draft = ModelRunner(draft, draft.new_cache(slots, cache_len), self.device) if draft else None
         self.verifier = Verifier(self.target)
-        self.drafter = Drafter(self.draft) if self.draft else None
+        shared = self.target.cache if config.spec.draft_shares_kv else None
+        self.drafter = Drafter(self.draft, shared) if self.draft else None
         self.judge = judge or RejectAllJudge()
         self.scheduler = Scheduler(
             slots,
@@ -132,7 +133,8 @@ class Engine:
         # A cycle emits at most W (+1 bonus) tokens: never draft past max_tokens.
         bonus = int(self.config.spec.bonus_token)
         widths = [min(s.num_speculative, s.remaining_tokens - bonus) for s in seqs]
-        catch_ups = [catch_up_tokens(s) for s in seqs]  # before the drafter reads the lagging caches
+        # Before the drafter reads the lagging caches.
+        catch_ups = [self.drafter.catch_up(s) if self.drafter else 0 for s in seqs]
         plan, planned = None, []
         if self.autowindow is not None:
             admitted = {id(s) for s in batch.prefill}  # their first token costs what target-only decoding costs
@@ -219,9 +221,11 @@ class Engine:
             self.target.forward(
                 [s.token_ids[s.target_len : -1] for s in rows], [s.target_len for s in rows], [s.slot for s in rows]
             )
-        # `auto` defers the draft's prefill to the row's first drafting cycle (the drafter catches it up then).
+        # `auto` defers the draft's prefill to the row's first drafting cycle (the drafter catches it up then); a
+        # twin draft never runs one (the drafter copies the target's K/V).
+        lazy = self.autowindow is not None or self.config.spec.draft_shares_kv
         drafting = [s for s in seqs if s.num_speculative > 0 and s.draft_len < s.num_prompt_tokens - 1]
-        if drafting and self.draft is not None and self.autowindow is None:
+        if drafting and self.draft is not None and not lazy:
             self.draft.forward(
                 [s.token_ids[s.draft_len : -1] for s in drafting],
                 [s.draft_len for s in drafting],
@@ -230,7 +234,7 @@ class Engine:
         computed = sum(s.num_prompt_tokens - 1 - s.target_len for s in rows)
         for s in seqs:
             s.target_len = s.num_prompt_tokens - 1
-            if self.autowindow is None:
+            if not lazy:
                 s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
         return computed
 

@@ -1,7 +1,8 @@
 """SlotKVCache: preallocated K/V tensors `[max_slots, max_len, n_kv_heads, head_dim]` per layer for one model.
 
 Pure storage: lengths live on the sequences (host side); rollback is assigning a shorter length, never a copy.
-The one copy, `copy_slot`, forks a sequence for the evaluation replay.
+The copies: `copy_slot` forks a sequence for the evaluation replay, `read_from` fills a twin draft's positions
+from the target's cache.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ class SlotKVCache:
         for k, v in zip(self.k, self.v, strict=True):
             k[dst, :length] = k[src, :length]
             v[dst, :length] = v[src, :length]
+
+    def same_shape(self, other: SlotKVCache) -> bool:
+        """Whether `other` has this cache's layers, slots, positions and per-position K/V shape."""
+        return len(self.k) == len(other.k) and self.k[0].shape == other.k[0].shape
+
+    def read_from(self, other: SlotKVCache, slot: int, start: int, end: int) -> None:
+        """Positions `start:end` of `slot` from `other` (same shape): a twin draft's cache takes the target's K/V
+        for context it has not computed itself, instead of running a forward over it."""
+        for k, v, ok, ov in zip(self.k, self.v, other.k, other.v, strict=True):
+            k[slot, start:end] = ok[slot, start:end]
+            v[slot, start:end] = ov[slot, start:end]
 
     @staticmethod
     def nbytes_for(

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -19,6 +20,7 @@ from server.app import create_app
 from server.loading import Deferred
 from server.metrics import ServerMetrics
 from server.settings import Settings, load_settings
+from server.steplog import StepLog
 
 log = logging.getLogger("autojudge.server")
 
@@ -74,9 +76,12 @@ def serve(settings: Settings) -> None:
     """Listen at once (503 while loading, see `Deferred`), load the models in a thread, then serve."""
     failure: list[BaseException] = []
     metrics: list[ServerMetrics] = []  # set once the models are loaded; the engine does not step before
+    step_log = StepLog(Path(settings.step_log)) if settings.step_log else None
 
     def on_step(stats: StepStats) -> None:
         metrics[0].observe_step(stats)
+        if step_log is not None:
+            step_log.write(stats)
 
     def load() -> ASGIApp:
         log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, settings.draft)
@@ -99,7 +104,11 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=max(int(settings.shutdown_timeout), 1),
     )
     server = GracefulServer(config, None, settings.shutdown_timeout, settings.drain_grace)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if step_log is not None:
+            step_log.close()
     if failure:
         raise failure[0]
     if not server.started:  # uvicorn logged why (port in use) and returned

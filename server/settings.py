@@ -61,11 +61,19 @@ class Settings:
     vllm_metrics: bool = _opt(
         False, "also expose running/waiting/KV/token series under vLLM's `vllm:` names, for routers and autoscalers"
     )
+    step_log: str | None = _opt(
+        None, "append one JSON line per engine step (windows, timings, the cost model's prediction) to this file"
+    )
     spec_metrics: str = _opt("summary", "none | summary | detailed: per-request stats of requests that ask none")
     log_level: str = _opt("info", "debug | info | warning | error")
     pair: str = _opt(PAIRS[0], "named model pair: " + " | ".join(PAIRS))
     target: str | None = _opt(None, "target checkpoint: a Hugging Face directory or .gguf file (overrides pair)")
     draft: str = _opt("int8", "int8 | int8-body | none | a draft checkpoint")
+    draft_shares_kv: bool = _opt(
+        True,
+        "a draft made from the target (int8, int8-body) reads the target's K/V for context it has not computed "
+        "instead of running its own prefill and catch-up forwards (drafts change slightly, lossless output not)",
+    )
     heads: str = _opt("shipped", "judge heads: shipped | none | a directory of <profile>/head.json folders")
     served_model_name: str | None = _opt(None, "model id in the API (default: the target file name)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
@@ -116,6 +124,7 @@ class Settings:
             threads=self.threads,
             cache_dir=Path(self.cache_dir),
             reprofile=self.reprofile,
+            share_kv=self.draft_shares_kv,
             model_name=self.served_model_name,
             profiles=read_profiles_file(Path(self.profiles)) if self.profiles else None,
         )

@@ -65,6 +65,7 @@ def make_engine(target: Decoder, draft: Decoder | None, slots: int = 8, **kwargs
         max_speculative_tokens=8,
         default_speculative_tokens=4,
         bonus_token=bool(kwargs.pop("bonus", True)),
+        draft_shares_kv=bool(kwargs.pop("shares_kv", False)),
     )
     reuse = bool(kwargs.pop("reuse_prefix", True))
     config = EngineConfig(cache=CacheConfig(max_slots=slots, max_model_len=160, reuse_prefix=reuse), spec=spec)

@@ -24,6 +24,12 @@ DRAFT_CHOICES_HELP = (
 )
 
 
+def twin_draft(pair: str, target: str | None, draft: str) -> bool:
+    """Whether `load_pair` makes the draft from the target itself (an int8 copy): the pair then shares one
+    architecture and one set of weights before quantization, so the target's K/V can stand in for the draft's."""
+    return draft in ("int8", "int8-body") and (bool(target) or pair != "qwen-coder")
+
+
 def load_pair(
     *,
     pair: str,
@@ -55,7 +61,7 @@ def load_pair(
     served = _quantized(loaded, quantize)
     if draft == "none":
         return served, None
-    if draft in ("int8", "int8-body") and draft_path is None:
+    if twin_draft(pair, target, draft):
         return served, quantize_int8(loaded.model, include_lm_head=draft == "int8")
     other = load_model(draft_path or Path(draft), dtype=torch_dtype, device=device, cache_dir=cache_dir)
     check_pair(other, loaded)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv_cache import SlotKVCache
 from engine.runner import ModelRunner, last_rows
 from engine.sampling import probs_for_params, sample
 from engine.sequence import Sequence
@@ -31,8 +32,21 @@ def catch_up_tokens(seq: Sequence) -> int:
 
 
 class Drafter:
-    def __init__(self, runner: ModelRunner) -> None:
+    """`shared`: the target's cache, when the draft is the target's quantized twin (same architecture, same
+    weights before quantization). Its K/V then stand in for the draft's own over context the draft has not read:
+    a lagging row copies them instead of running a catch-up forward, and the draft needs no prefill at all. The
+    drafts change a little (they attend over the target's K/V of the context), the output of lossless rows does
+    not (the target verifies every draft)."""
+
+    def __init__(self, runner: ModelRunner, shared: SlotKVCache | None = None) -> None:
+        if shared is not None and not runner.cache.same_shape(shared):
+            raise ValueError("a draft that shares the target's K/V must have the target's cache shape")
         self.runner = runner
+        self.shared = shared
+
+    def catch_up(self, seq: Sequence) -> int:
+        """Tokens a catch-up forward would read before `seq` drafts (0 when they are copied from the target)."""
+        return 0 if self.shared is not None else catch_up_tokens(seq)
 
     def propose(
         self,
@@ -73,7 +87,12 @@ class Drafter:
         probs = torch.zeros(num_rows, width, vocab, device=dev) if sampled else None
         hidden_size = self.runner.model.config.hidden_size
         hidden = torch.zeros(num_rows, width, hidden_size, device=dev) if want_hidden else None
-        lagging = [b for b in range(num_rows) if widths[b] > 0 and catch_up_tokens(seqs[b])]
+        if self.shared is not None:
+            for b in range(num_rows):
+                if widths[b] > 0 and fed[b] < seqs[b].target_len:
+                    self.runner.cache.read_from(self.shared, seqs[b].slot, fed[b], seqs[b].target_len)
+                    fed[b] = seqs[b].target_len
+        lagging = [b for b in range(num_rows) if widths[b] > 0 and self.catch_up(seqs[b])]
         if lagging:
             feeds = [seqs[b].token_ids[fed[b] : -1] for b in lagging]
             self.runner.forward(feeds, [fed[b] for b in lagging], [seqs[b].slot for b in lagging])

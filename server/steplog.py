@@ -1,0 +1,54 @@
+"""`--step-log`: one JSON line per engine step, for tuning the `auto` planner and reading what a load did step by
+step (the Prometheus series only keep sums and histograms). Written from the engine thread as each step ends."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from engine import StepStats
+
+
+def step_record(stats: StepStats, t: float) -> dict[str, Any]:
+    """What one step did: its rows' windows and profiles, where its time went, and the cost model's prediction."""
+    return {
+        "t": round(t, 6),
+        "running": stats.load.num_running,
+        "waiting": stats.load.num_waiting,
+        "windows": list(stats.windows),
+        "profiles": list(stats.window_profiles),
+        "caught_up": stats.caught_up,
+        "cut_short": stats.cut_short,
+        "prefill_tokens": stats.num_prefill_tokens,
+        "generated_tokens": stats.num_generated_tokens,
+        "finished": len(stats.finished),
+        "predicted_s": None if stats.predicted_seconds is None else round(stats.predicted_seconds, 6),
+        "step_s": round(stats.seconds_step, 6),
+        "prefill_s": round(stats.seconds_prefill, 6),
+        "plan_s": round(stats.seconds_plan, 6),
+        "draft_s": round(stats.seconds_draft, 6),
+        "verify_s": round(stats.seconds_verify, 6),
+        "judge_s": round(stats.seconds_judge, 6),
+    }
+
+
+class StepLog:
+    """Appends `step_record`s to a file; `t` is the Unix time the step ended, to line steps up with a client's
+    log. Line-buffered, so a crash loses at most the step being written."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] = path.open("a", buffering=1)
+        self._lock = threading.Lock()  # the engine thread writes, the shutdown path closes
+
+    def write(self, stats: StepStats) -> None:
+        line = json.dumps(step_record(stats, time.time()), separators=(",", ":"))
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()

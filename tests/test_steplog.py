@@ -1,0 +1,42 @@
+"""`--step-log`: one JSON line per engine step, written from the engine's step hook, that reads back as the steps
+ran (windows, emitted tokens, the cost model's prediction); a log closed by shutdown ignores a late step."""
+
+from __future__ import annotations
+
+import json
+
+from test_autowindow_engine import DRAFTS_PAY, auto_engine
+from test_spec_greedy import prompts, requests
+
+from conftest import run_all
+from engine.types import StepStats
+from server.settings import load_settings
+from server.steplog import StepLog
+
+
+def test_step_log_records_every_step(target, draft, tmp_path):
+    path = tmp_path / "steps.jsonl"
+    log = StepLog(path)
+    seen: list[StepStats] = []
+
+    def on_step(stats: StepStats) -> None:
+        seen.append(stats)
+        log.write(stats)
+
+    tokens, _ = run_all(auto_engine(target, draft, DRAFTS_PAY, on_step=on_step), requests(prompts(3, seed=5)))
+    log.close()
+    log.write(seen[-1])  # after shutdown closed it: dropped, not an error
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == len(seen) > 1
+    assert [rec["windows"] for rec in lines] == [list(s.windows) for s in seen]
+    assert any(max(rec["windows"], default=0) > 0 for rec in lines)  # the planner drafted in some steps
+    assert sum(rec["generated_tokens"] for rec in lines) == sum(len(t) for t in tokens.values())
+    assert all(rec["predicted_s"] is not None and rec["step_s"] > 0 for rec in lines)
+    assert [rec["t"] for rec in lines] == sorted(rec["t"] for rec in lines)
+
+
+def test_step_log_setting(tmp_path):
+    assert load_settings([], {}).step_log is None
+    path = str(tmp_path / "s.jsonl")
+    assert load_settings(["--step-log", path], {}).step_log == path
+    assert load_settings([], {"AUTOJUDGE_STEP_LOG": path}).step_log == path
