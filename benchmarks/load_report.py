@@ -127,8 +127,7 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
                 cfg = dataclasses.replace(base, concurrency=c, seed=1000 * r + c, **table[mode])
                 started, wall = time.perf_counter(), time.time()  # wall: to find the cell in a step log
                 doc = await one_cell(server.url, cfg, prompts)
-                cells.append({"round": r, "concurrency": c, "mode": mode, "report": doc,
-                              "wall": [wall, time.time()]})
+                cells.append({"round": r, "concurrency": c, "mode": mode, "report": doc, "wall": [wall, time.time()]})
                 tp = doc["throughput"]["output_tokens_per_s"] or 0.0
                 req, took = doc["requests"], time.perf_counter() - started
                 print(f"round {r} c={c:<3} {mode:9} {tp:7.2f} out tok/s, {req['ok']} ok, {req['failed']} failed "
