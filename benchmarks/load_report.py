@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop users per level (comma list)")
     p.add_argument("--windows", default="2,4,8", help="fixed windows measured beside auto (comma list)")
     p.add_argument("--modes", help="measure only these modes (comma list of names as in the table, e.g. "
-                   "'no-spec,lossless auto'); default: all")  # fmt: skip
+                   "'lossless auto,judge auto'; no-spec is always measured); default: all")  # fmt: skip
     p.add_argument("--step-log", type=Path, help="the server's per-step JSON lines (its --step-log), for tuning")
     p.add_argument("--duration", type=float, default=40.0, help="seconds per cell")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all cells")
@@ -111,6 +111,7 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
     names = [m.strip() for m in args.modes.split(",")] if args.modes else list(table)
     if unknown := [m for m in names if m not in table]:
         raise SystemExit(f"load_report: unknown modes {unknown}; known: {', '.join(table)}")
+    names = list(dict.fromkeys(["no-spec", *names]))  # every ratio is to no-spec
     cells: list[Json] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
         await server.wait_ready(http, 600.0)
@@ -241,9 +242,10 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
             tps = [tput(r, c, mode) for r in rounds]
             ups = [tput(r, c, mode) / tput(r, c, "no-spec") for r in rounds if tput(r, c, "no-spec") > 0]
             best = ""
-            if mode.endswith(" auto"):
-                prefix = mode.split()[0]
-                ref = [max(tput(r, c, f"{prefix} K={k}") for k in fixed) for r in rounds]
+            prefix = mode.split()[0]
+            measured = [k for k in fixed if f"{prefix} K={k}" in names]  # --modes may leave fixed windows out
+            if mode.endswith(" auto") and measured:
+                ref = [max(tput(r, c, f"{prefix} K={k}") for k in measured) for r in rounds]
                 best = spread([a / b for a, b in zip(tps, ref, strict=True) if b > 0])
             first = [ttft(r, c, mode) / ttft(r, c, "no-spec") for r in rounds if ttft(r, c, "no-spec") > 0]
             errors = sum(d["requests"]["failed"] for d in docs)

@@ -278,5 +278,5 @@ def engine_info(
         bonus_token=c.spec.bonus_token,
         profiles=profiles,
         auto_window=engine.autowindow is not None,
-        step_cost=None if engine.autowindow is None else engine.autowindow.cost.to_dict(),
+        step_cost=None if engine.autowindow is None else engine.autowindow.profile.to_dict(),
     )

@@ -69,6 +69,7 @@ class Engine:
         self.vocab_size = target.config.vocab_size
         self.load = EngineLoad()  # what the gauges read, at every moment (not only after a step)
         self.autowindow: AutoWindow | None = None
+        self.yielded = False  # the last step ended before its verify for a newcomer (`_yield`)
         if config.spec.auto_window and draft is not None:
             if step_cost is None:
                 step_cost = profile_step_cost(target, draft, self.device, slots, config.spec.max_speculative_tokens)
@@ -120,7 +121,8 @@ class Engine:
     # --- the cycle ------------------------------------------------------------------------------------
     def step(self, arrived: Callable[[], bool] | None = None) -> list[RequestOutput]:
         """One cycle. `arrived` says whether a new request is waiting outside the engine: under `auto` windows a
-        step stops drafting when it says yes and a slot is free, so the newcomer waits for a shorter verify."""
+        step stops drafting when it says yes and a slot is free, and ends there unless a fixed-window row drafted
+        (then it verifies what the rows hold), so the newcomer waits for one draft forward at most."""
         t0 = self.clock()
         batch = self.scheduler.schedule()
         queried = sum(s.num_prompt_tokens for s in batch.prefill)
@@ -162,6 +164,11 @@ class Engine:
             proposal = DraftProposal([[] for _ in seqs], None, None, [s.draft_len for s in seqs])
         t2 = self.clock()
         cut_short = [len(d) for d in proposal.token_ids] != widths
+        fixed = any(w and s.request.spec.fixed_window for s, w in zip(seqs, widths, strict=True))
+        yielded, self.yielded = self.yielded, False
+        if cut_short and not fixed and not yielded:  # never twice running: arrivals cannot stall the batch
+            self.yielded = True
+            return self._yield(seqs, proposal, num_prefill, queried, hits, t0, t1, t_plan)
         if cut_short:
             assert self.autowindow is not None
             widths = [len(d) for d in proposal.token_ids]
@@ -181,7 +188,7 @@ class Engine:
         self._publish(len(seqs) if self.has_unfinished() else 0)
         if plan is not None:
             assert self.autowindow is not None
-            self.autowindow.observe(planned, plan, accepted, t5 - t_plan, emitted)
+            self.autowindow.observe(planned, plan, accepted, t5 - t_plan, emitted, t3 - t2)
         t6 = self.clock()
         if self.on_step is not None:
             self.on_step(
@@ -204,9 +211,53 @@ class Engine:
                     predicted_seconds=_seconds(plan),
                     cut_short=cut_short,
                     caught_up=sum(lag > 0 and w > 0 for lag, w in zip(catch_ups, widths, strict=True)),
+                    cost_speed=None if self.autowindow is None else self.autowindow.speed,
                 )
             )
         return outputs
+
+    def _yield(
+        self,
+        seqs: list[Sequence],
+        proposal: DraftProposal,
+        num_prefill: int,
+        queried: int,
+        hits: int,
+        t0: float,
+        t1: float,
+        t_plan: float,
+    ) -> list[RequestOutput]:
+        """End a step whose drafting a newcomer cut short, before its verify: the newcomer is admitted by the
+        next step, after at most one draft forward instead of a verify too (TTFT as in target-only decoding). The
+        drafts are dropped; what the draft cache read of the context is kept (positions it holds below the row's
+        last token)."""
+        for s, fed in zip(seqs, proposal.fed_end, strict=True):
+            s.draft_len = max(s.draft_len, min(fed, len(s.token_ids) - 1))
+        self._publish(len(seqs))
+        if self.on_step is not None:
+            t = self.clock()
+            self.on_step(
+                StepStats(
+                    load=self.load,
+                    num_prefill_tokens=num_prefill,
+                    num_prefix_query_tokens=queried,
+                    num_prefix_hit_tokens=hits,
+                    num_generated_tokens=0,
+                    seconds_prefill=t1 - t0,
+                    seconds_plan=t_plan - t1,
+                    seconds_draft=t - t_plan,
+                    seconds_verify=0.0,
+                    seconds_judge=0.0,
+                    seconds_step=t - t0,
+                    rows=(),
+                    finished=(),
+                    windows=(0,) * len(seqs),
+                    window_profiles=tuple(s.request.spec.profile for s in seqs),
+                    cut_short=True,
+                    cost_speed=None if self.autowindow is None else self.autowindow.speed,
+                )
+            )
+        return []
 
     def _may_cut(self) -> bool:
         """A step may stop drafting for a newcomer only if the newcomer would find a slot at the next step."""

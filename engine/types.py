@@ -173,3 +173,4 @@ class StepStats:
     predicted_seconds: float | None = None  # the `auto` planner's cost-model time of draft + verify + commit
     cut_short: bool = False  # drafting stopped early for a newly arrived request (the windows are what ran)
     caught_up: int = 0  # drafting rows whose draft cache a catch-up forward of its own read first
+    cost_speed: float | None = None  # the `auto` cost model's device speed against its start-up profile

@@ -167,6 +167,13 @@ class ServerMetrics:
             buckets=(0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0),
             registry=r,
         )
+        self.cost_speed = Gauge(
+            "autojudge_step_cost_speed",
+            "The auto cost model's device speed against its start-up profile: measured over profiled verify time, "
+            "tracked online (1: as profiled; below 1: faster)",
+            m,
+            registry=r,
+        )
         self.judge_latency = Histogram(
             "autojudge_judge_latency_seconds", "Judge scoring time per step", m, buckets=JUDGE_BUCKETS, registry=r
         )
@@ -287,6 +294,8 @@ class ServerMetrics:
             self.cost_predicted.labels(name).inc(stats.predicted_seconds)
             self.cost_measured.labels(name).inc(measured)
             self.cost_error.labels(name).observe(measured / stats.predicted_seconds)
+        if stats.cost_speed is not None:
+            self.cost_speed.labels(name).set(stats.cost_speed)
         # NOTE: the judge runs only when some row has a mismatch and τ > 0; `num_judged > 0` is the visible part
         # of that, so a step whose judged mismatches all fell in τ = 0 rows is not timed.
         if any(row.counts.num_judged for row in stats.rows):

@@ -26,6 +26,7 @@ def step_record(stats: StepStats, t: float) -> dict[str, Any]:
         "generated_tokens": stats.num_generated_tokens,
         "finished": len(stats.finished),
         "predicted_s": None if stats.predicted_seconds is None else round(stats.predicted_seconds, 6),
+        "cost_speed": None if stats.cost_speed is None else round(stats.cost_speed, 4),
         "step_s": round(stats.seconds_step, 6),
         "prefill_s": round(stats.seconds_prefill, 6),
         "plan_s": round(stats.seconds_plan, 6),

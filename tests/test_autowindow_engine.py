@@ -143,7 +143,8 @@ def test_auto_without_a_step_cost_profiles_the_models(target, draft) -> None:
 
 
 class Arrivals:
-    """An `arrived` callback that says yes at random (seeded): before drafting or after some draft steps."""
+    """An `arrived` callback that says yes at random (seeded): before drafting or after some draft steps. Without
+    fixed-window rows, a step it cuts ends before its verify and emits nothing (the newcomer is admitted next)."""
 
     def __init__(self, seed: int, p: float = 0.3) -> None:
         self.rng, self.p, self.asked = random.Random(seed), p, 0
@@ -160,9 +161,12 @@ def test_an_arrival_cuts_drafting_short_and_output_stays_exact(target, draft, re
     arrivals = Arrivals(seed)
     tokens, finals = run_all(engine, requests(prompts(8, seed=3)[:4], width=8), arrived=arrivals)
     assert tokens == {k: v for k, v in reference.items() if int(k[1:]) < 4}
-    cut = [s for s in stats if s.cut_short]
-    assert any(max(s.windows) == 0 for s in cut)  # cut before the first draft forward: a plain step
-    assert any(0 < max(s.windows) < 8 for s in cut)  # cut after some draft steps
+    ended = [i for i, s in enumerate(stats) if s.cut_short and not s.num_generated_tokens]  # before the verify
+    assert ended and all(max(stats[i].windows) == 0 and not stats[i].rows for i in ended)
+    assert any(stats[i].seconds_draft > 0 for i in ended)  # after some draft steps
+    # Never two such steps running: the next cut step verifies what its rows hold, so arrivals cannot stall.
+    assert all(stats[i - 1].cut_short for i, s in enumerate(stats) if s.cut_short and s.num_generated_tokens)
+    assert not any(i + 1 in ended for i in ended)
     for s in stats:  # the stats report the windows that ran
         drafting = [w for w in s.windows if w]
         assert [row.counts.num_draft_tokens for row in s.rows] == drafting
@@ -200,14 +204,18 @@ def test_a_cut_step_gives_the_judge_states_of_the_tokens_that_were_drafted(targe
         SamplingParams(max_tokens=40, ignore_eos=True),
         SpecParams(num_speculative_tokens=8, judge_threshold=0.5, profile="math"),
     )
-    tokens, finals = run_all(engine, [req], arrived=Arrivals(seed))
-    assert any(s.cut_short and max(s.windows) > 0 for s in stats)
+    fixed = Request("b", prompt[::-1], SamplingParams(max_tokens=40, ignore_eos=True),
+                    SpecParams(num_speculative_tokens=8, fixed_window=True))  # fmt: skip
+    tokens, finals = run_all(engine, [req, fixed], arrived=Arrivals(seed))
+    # A fixed-window row keeps the step going: the cut rows' drafts are verified as far as they got.
+    assert any(s.cut_short and 0 < s.windows[0] < 8 for s in stats)
     assert finals["a"].spec.num_judge_accepted > 0
     sequence = [*prompt, *tokens["a"]]  # committed tokens never change, so each call's prefix is in here
     for call in judge.calls:
         assert call.draft_hidden is not None and call.draft_hidden.shape[1] == call.draft_token_ids.shape[1]
         start = int(call.positions[0, 0])
-        for i in range(call.draft_token_ids.shape[1]):
+        judged = call.mismatch[0].nonzero()  # row 0 is "a"; past its window (a cut one) the slots are padding
+        for i in range(int(judged.max()) + 1 if len(judged) else 0):
             ids = [*sequence[:start], *call.draft_token_ids[0, : i + 1].tolist()]
             batch = ForwardBatch.build([ids], [0], [0], torch.device("cpu"))
             with torch.no_grad():

@@ -110,6 +110,7 @@ def exported() -> tuple[dict[str, set[str]], dict[str, str]]:
         windows=(4, 0),
         window_profiles=("lossless", "math"),
         predicted_seconds=0.035,
+        cost_speed=0.9,
     )
     metrics.observe_step(step)
     metrics.observe_step(dataclasses.replace(step, windows=(0, 0)))  # a step in which no row drafted

@@ -107,6 +107,11 @@ def test_tally_is_the_geometric_evidence_with_a_prior() -> None:
     assert (decayed.accepted, decayed.trials) == (5.0, 6.0)
 
 
+def observe(aw: AutoWindow, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int):
+    """`AutoWindow.observe` with a verify that takes what the profile says (a device whose speed holds)."""
+    aw.observe(inputs, plan, accepted, seconds, emitted, aw.profile.target(len(inputs), 1 + max(plan.windows)))
+
+
 def rows_of(n: int, cap: int = 8, profile: str = "lossless") -> list[RowInput]:
     return [RowInput(f"r{i}", (profile, 0.0, True), cap, 0) for i in range(n)]
 
@@ -115,7 +120,7 @@ def test_profile_history_seeds_new_rows_and_finished_rows_are_forgotten() -> Non
     aw = AutoWindow(PlannerConfig(), cost(0.1, 0.0, 0.005, 0.0), bonus=True)
     inputs = rows_of(2)
     plan = aw.plan(inputs)
-    aw.observe(inputs, plan, [plan.windows[0], plan.windows[1]], plan.seconds, 10)  # everything accepted
+    observe(aw, inputs, plan, [plan.windows[0], plan.windows[1]], plan.seconds, 10)  # everything accepted
     assert aw.key_alpha(("lossless", 0.0, True)) > PlannerConfig().prior_alpha
     newcomer = RowInput("r9", ("lossless", 0.0, True), 8, 0)
     assert aw.row_alpha(newcomer) == pytest.approx(aw.key_alpha(newcomer.key))
@@ -132,12 +137,12 @@ def test_the_guard_backs_off_after_slow_drafting_steps_and_doubles() -> None:
         plan = aw.plan(inputs)
         assert plan.windows[0] > 0
         # as predicted, but every draft rejected at once: one token per drafting step, slower than plain decoding
-        aw.observe(inputs, plan, [0], seconds=plan.seconds, emitted=1)
+        observe(aw, inputs, plan, [0], seconds=plan.seconds, emitted=1)
     assert aw.backoffs == 1
     for _ in range(4):
         plan = aw.plan(inputs)
         assert plan.windows == (0,)
-        aw.observe(inputs, plan, [0], seconds=plan.seconds, emitted=1)
+        observe(aw, inputs, plan, [0], seconds=plan.seconds, emitted=1)
     assert aw.plan(inputs).windows[0] > 0  # drafting again
     assert aw.guard.backoff_len == 8
 
@@ -150,7 +155,7 @@ def test_a_new_or_unmeasured_profile_gets_one_probing_row() -> None:
     for _ in range(12):
         plan = aw.plan(inputs)
         windows.append(plan.windows)
-        aw.observe(inputs, plan, [0] * 3, plan.seconds, 3)
+        observe(aw, inputs, plan, [0] * 3, plan.seconds, 3)
     probed = [i for i, w in enumerate(windows) if any(w)]
     assert probed == [0, 5, 10]  # a new profile at once, then every probe_every steps
     assert all(sorted(windows[i]) == [0, 0, 3] for i in probed) and aw.probes == 3
@@ -185,8 +190,26 @@ def test_a_steps_fixed_overhead_makes_drafting_pay_and_is_learned_online() -> No
     inputs = rows_of(1)
     for _ in range(60):
         plan = aw.plan(inputs)
-        aw.observe(inputs, plan, [0], seconds=plan.seconds - aw.overhead + 0.2, emitted=1)
+        observe(aw, inputs, plan, [0], seconds=plan.seconds - aw.overhead + 0.2, emitted=1)
     assert aw.overhead == pytest.approx(0.2, rel=0.01)
+
+
+def test_the_devices_speed_is_followed_online_and_one_pause_barely_moves_it() -> None:
+    c = cost(0.05, 0.002, 0.01, 0.001)
+    aw = AutoWindow(PlannerConfig(probe_every=0), c, bonus=True)
+    inputs = rows_of(4)
+    for _ in range(80):  # the device now runs 30% faster than at start-up, in every forward
+        plan = aw.plan(inputs)
+        verify = 0.7 * aw.profile.target(4, 1 + max(plan.windows))
+        aw.observe(inputs, plan, list(plan.windows), 0.7 * plan.seconds, sum(plan.windows) + 4, verify)
+    assert aw.speed == pytest.approx(0.7, rel=0.02)
+    forwards = step_seconds(c, [4] * 4, [Row(0.5, 8, 0)] * 4)  # as profiled
+    assert aw.costed(inputs, [4] * 4).seconds == pytest.approx(aw.overhead + aw.speed * forwards)
+    assert aw.cost.draft(4, 1) == pytest.approx(aw.speed * c.draft(4, 1)) and aw.profile is c
+    before = aw.speed
+    plan = aw.plan(inputs)
+    aw.observe(inputs, plan, list(plan.windows), 10 * plan.seconds, 4, 10 * aw.profile.target(4, 9))  # a pause
+    assert aw.speed == pytest.approx(before * 1.01)
 
 
 def test_probes_cost_at_most_their_budget_of_step_time() -> None:
@@ -199,7 +222,7 @@ def test_probes_cost_at_most_their_budget_of_step_time() -> None:
         unprobed = c.target(16, 1)
         spent += plan.seconds - unprobed
         base += unprobed
-        aw.observe(inputs, plan, [0] * 16, plan.seconds, 16)
+        observe(aw, inputs, plan, [0] * 16, plan.seconds, 16)
     assert aw.probes >= 2  # the new profile at once, then as the budget allows
     assert spent / base <= 0.02 + (plan.seconds / base)  # within the budget, but for the last probe's debt
 
@@ -211,7 +234,7 @@ def test_one_unlucky_step_does_not_trip_the_guard() -> None:
         plan = aw.plan(inputs)
         assert plan.windows[0] > 0
         slow = i % 4 == 0  # one rejected-at-once cycle in four; the rest emit a full window
-        aw.observe(inputs, plan, [0 if slow else plan.windows[0]], plan.seconds, 1 if slow else 9)
+        observe(aw, inputs, plan, [0 if slow else plan.windows[0]], plan.seconds, 1 if slow else 9)
     assert aw.backoffs == 0
 
 
@@ -230,7 +253,7 @@ def test_each_draft_depths_own_cost_is_learned_from_drafting_steps_and_shortens_
         depth = max(plan.windows)
         forwards = plan.seconds - aw.overhead - depth * aw.per_depth
         pause = 1.0 if i % 10 == 0 else 0.0
-        aw.observe(inputs, plan, [depth], seconds=forwards + 0.02 * depth + pause, emitted=depth + 1)
+        observe(aw, inputs, plan, [depth], seconds=forwards + 0.02 * depth + pause, emitted=depth + 1)
     assert aw.per_depth == pytest.approx(0.02, abs=0.004)  # the median, not dragged up by the pauses
 
 
@@ -243,11 +266,11 @@ def test_a_catch_up_counts_against_the_guard_as_the_planner_amortises_it() -> No
     lagging = [RowInput("r0", ("lossless", 0.0, True), 8, 3000)]
     steady = [RowInput("r0", ("lossless", 0.0, True), 8, 0)]
     first = Plan((4,), 5.0, c.target(1, 5) + c.draft(1, 3000) + 4 * c.draft(1, 1))
-    aw.observe(lagging, first, [4], seconds=first.seconds, emitted=5)
+    observe(aw, lagging, first, [4], seconds=first.seconds, emitted=5)
     steps = [first.seconds]
     for _ in range(3):
         plan = Plan((4,), 5.0, c.target(1, 5) + 4 * c.draft(1, 1))
-        aw.observe(steady, plan, [4], seconds=plan.seconds, emitted=5)
+        observe(aw, steady, plan, [4], seconds=plan.seconds, emitted=5)
         steps.append(plan.seconds)
     assert sum(steps) > 20 * c.target(1, 1)  # in full, these 4 steps were slower than plain decoding ...
     assert aw.backoffs == 0  # ... amortised as the planner chose them, they pay
@@ -314,17 +337,17 @@ def test_a_catch_up_is_spread_over_the_cycles_rows_have_drafted_per_catch_up() -
     lagging = RowInput("r0", key, 4, 3000, remaining=4000)
     assert aw.amortize == 64 and aw.plan([lagging]).windows == (4,)
     for _ in range(30):  # a catch-up, two drafting cycles, then a stop (a window of 0): episodes of 3 cycles
-        aw.observe([lagging], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+        observe(aw, [lagging], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
         steady = RowInput("r0", key, 4, 0, remaining=4000)
         for _ in range(2):
-            aw.observe([steady], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
-        aw.observe([steady], Plan((0,), 1.0, 0.1), [0], 0.1, 1)
+            observe(aw, [steady], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+        observe(aw, [steady], Plan((0,), 1.0, 0.1), [0], 0.1, 1)
     assert aw.episode_len == pytest.approx(3.0, abs=0.5) and aw.amortize == aw.episode_len
     assert aw.plan([lagging]).windows == (0,)  # the same row no longer pays its catch-up back
     # a row that drafts from its catch-up to its end teaches the long horizon back
-    aw.observe([RowInput("r1", key, 4, 300)], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+    observe(aw, [RowInput("r1", key, 4, 300)], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
     for _ in range(59):
-        aw.observe([RowInput("r1", key, 4, 0)], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
+        observe(aw, [RowInput("r1", key, 4, 0)], Plan((4,), 5.0, 0.1), [4], 0.1, 5)
     aw.plan([RowInput("r2", key, 4, 0)])  # r1 has left: its episode of 60 cycles ends
     assert aw.episode_len == pytest.approx(0.8 * 3.0 + 0.2 * 60, abs=0.5)
 
@@ -335,5 +358,5 @@ def test_a_probe_that_stops_at_once_teaches_nothing_of_episode_length() -> None:
     inputs = [RowInput("r0", ("lossless", 0.0, True), 8, 50)]
     for _ in range(400):
         plan = aw.plan(inputs)
-        aw.observe(inputs, plan, [min(plan.windows[0], 2)], plan.seconds, 1 + min(plan.windows[0], 2))
+        observe(aw, inputs, plan, [min(plan.windows[0], 2)], plan.seconds, 1 + min(plan.windows[0], 2))
     assert aw.probes >= 3 and aw.episode_len == 64.0

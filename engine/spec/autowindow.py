@@ -22,6 +22,7 @@ from engine.spec.planner import (
     step_seconds,
 )
 
+SPEED_STEP = 1.01  # factor of one speed nudge
 Key = tuple[str, float, bool]  # (task profile, τ, greedy): rows that should accept alike
 
 
@@ -72,7 +73,10 @@ class _Guard:
 
 class AutoWindow:
     def __init__(self, config: PlannerConfig, cost: StepCost, bonus: bool) -> None:
-        self.config, self.cost, self.bonus = config, cost, bonus
+        self.config, self.bonus = config, bonus
+        self.profile = cost  # as measured at start-up
+        self.speed = 1.0  # the device's speed against the profile: the median of measured / profiled verify time
+        self.cost = cost  # the profile at `speed`: what the planner predicts with
         self.rows: dict[str, Tally] = {}
         self.keys: dict[Key, Tally] = {}
         self.last_seen: dict[Key, int] = {}  # step of each key's last observed cycle
@@ -172,6 +176,12 @@ class AutoWindow:
         self.probe_debt += max(0.0, probed.seconds - plan.seconds)
         return probed
 
+    def _track_speed(self, ratio: float) -> None:
+        """Nudge `speed` 1% toward `ratio` and rescale the cost model: a 30% drift is followed in about 25 steps."""
+        if ratio != self.speed:
+            self.speed *= SPEED_STEP if ratio > self.speed else 1.0 / SPEED_STEP
+            self.cost = self.profile.scaled(self.speed)
+
     def costed(self, inputs: list[RowInput], windows: list[int]) -> Plan:
         """The plan of the windows that ran when they differ from the choice (a step cut short by an arrival), so
         the prediction and the acceptance tallies follow what was drafted."""
@@ -181,11 +191,15 @@ class AutoWindow:
         tokens = sum(expected_tokens(row.alpha, w, self.bonus) for row, w in zip(rows, windows, strict=True))
         return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows, self.per_depth))
 
-    def observe(self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int) -> None:
+    def observe(
+        self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int, verify: float
+    ) -> None:
         """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
-        part and the tokens it emitted. Plain steps (no row drafts, as on every admitting step) teach the overhead:
-        they measure it without mixing in any error of the draft costs; drafting steps without a catch-up forward
-        then teach the cost of a draft depth beyond its forward. The guard sums `guard_steps` drafting steps (one
+        part, the tokens it emitted and the seconds of its verify forward. Every verify tracks the device's speed
+        against the profile (a sign step on the ratio: its median, which one pause cannot move far). Plain steps
+        (no row drafts, as on every admitting step) teach the overhead: they measure it without mixing in any
+        error of the draft costs; drafting steps without a catch-up forward then teach the cost of a draft depth
+        beyond its forward. The guard sums `guard_steps` drafting steps (one
         step's luck says nothing) and backs off when they took longer than plain decoding (forward plus overhead)
         would have for the same tokens; a catch-up forward counts there as the planner counts it, spread over the
         cycles it serves (a new request's deferred draft prefill is one, and charging it in full to the next
@@ -206,6 +220,7 @@ class AutoWindow:
             self.last_seen[r.key] = self.step
         if seconds <= 0 or plan.seconds <= 0:
             return
+        self._track_speed(verify / self.profile.target(len(inputs), 1 + max(plan.windows)))
         plain_step = self.overhead + self.cost.target(len(inputs), 1)
         if not any(plan.windows):
             self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - (plan.seconds - self.overhead)))

@@ -9,7 +9,7 @@ tokens a forward computes, which is how a compute-bound forward grows).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -29,6 +29,7 @@ class ForwardCost:
     rows: tuple[int, ...]  # ascending
     tokens: tuple[int, ...]  # ascending
     seconds: tuple[tuple[float, ...], ...]  # [len(rows)][len(tokens)]
+    scale: float = 1.0  # how fast the device runs now against the profile (not saved: it is learned online)
 
     def __post_init__(self) -> None:
         if not self.rows or not self.tokens:
@@ -42,7 +43,7 @@ class ForwardCost:
         if rows <= 0 or tokens <= 0:
             return 0.0
         per_rows = tuple(interpolate(self.tokens, r, tokens) for r in self.seconds)  # at each grid row count
-        return interpolate(self.rows, per_rows, rows)
+        return self.scale * interpolate(self.rows, per_rows, rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": list(self.rows), "tokens": list(self.tokens), "seconds": [list(r) for r in self.seconds]}
@@ -59,6 +60,11 @@ class StepCost:
     target: ForwardCost
     draft: ForwardCost
     context: int
+
+    def scaled(self, scale: float) -> StepCost:
+        """Both grids times `scale`: the profile on a device that now runs that much slower (a shared CPU's speed
+        drifts by tens of percent; the profile was measured once, at start-up)."""
+        return replace(self, target=replace(self.target, scale=scale), draft=replace(self.draft, scale=scale))
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target.to_dict(), "draft": self.draft.to_dict(), "context": self.context}
