@@ -370,6 +370,7 @@ def planner_section(totals: Json, speculation: Json) -> list[str]:
     within = (buckets.get(1.1, 0.0) - buckets.get(0.9, 0.0)) / count if count else float("nan")
     ratio = totals.get("measured", 0.0) / totals["predicted"] if totals.get("predicted") else float("nan")
     cost = speculation["step_cost"]
+    tokens = sorted(set(cost["target"]["tokens"]) | set(cost["draft"]["tokens"]))
     lines = [
         "## The planner and its cost model (server counters over the whole run)",
         "",
@@ -382,13 +383,15 @@ def planner_section(totals: Json, speculation: Json) -> list[str]:
         "",
         f"Start-up profile (ms per forward, after {cost['context']} cached tokens per row):",
         "",
-        "| model | rows | " + " | ".join(f"{q} tok/row" for q in cost["target"]["tokens"]) + " |",
-        "|---|---|" + "---|" * len(cost["target"]["tokens"]),
+        "| model | rows | " + " | ".join(f"{q} tok/row" for q in tokens) + " |",
+        "|---|---|" + "---|" * len(tokens),
     ]
     for model in ("target", "draft"):
         table = cost[model]
         for b, row in zip(table["rows"], table["seconds"], strict=True):
-            lines.append(f"| {model} | {b} | " + " | ".join(f"{1000 * x:.1f}" for x in row) + " |")
+            ms = dict(zip(table["tokens"], row, strict=True))  # the draft has catch-up columns the target lacks
+            lines.append(f"| {model} | {b} | " + " | ".join(f"{1000 * ms[q]:.1f}" if q in ms else "" for q in tokens)
+                         + " |")  # fmt: skip
     return lines
 
 

@@ -236,11 +236,13 @@ def build_engine(
         cache_dir=source.cache_dir,
         quantize=source.quantize,
     )
-    if draft is not None and source.share_kv and twin_draft(source.pair, source.target, source.draft):
-        config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, draft_shares_kv=True))
     specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
     pair = judge_fingerprint(target, draft)
     judge, profiles = load_profiles(specs, pair, device)
+    # Not under a DD-DT head: it reads the draft's hidden states, which were mined with the draft's own K/V.
+    twin = draft is not None and twin_draft(source.pair, source.target, source.draft)
+    if twin and source.share_kv and not judge.uses_draft_hidden:
+        config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, draft_shares_kv=True))
     step_cost, cost_note = None, ""
     if config.spec.auto_window and draft is not None:
         assert pair is not None
@@ -258,6 +260,7 @@ def build_engine(
         f"target {target.source}, draft {info.draft_name or 'none'}, profiles [{served}], "
         f"{precision} on {device}, "
         f"{config.cache.max_slots} slots x {config.cache.max_model_len} tokens{cost_note}"
+        f"{', the draft reads the target K/V' if config.spec.draft_shares_kv else ''}"
     )
     return LoadedEngine(AsyncEngine(engine, info), target.tokenizer, info, seconds, summary)
 
@@ -279,4 +282,5 @@ def engine_info(
         profiles=profiles,
         auto_window=engine.autowindow is not None,
         step_cost=None if engine.autowindow is None else engine.autowindow.profile.to_dict(),
+        draft_shares_kv=c.spec.draft_shares_kv,
     )

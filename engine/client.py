@@ -56,6 +56,7 @@ class EngineInfo:
     profiles: tuple[ProfileInfo, ...]
     auto_window: bool = False  # the planner picks each row's window (up to its num_speculative_tokens)
     step_cost: Mapping[str, Any] | None = None  # the planner's step-cost profile (engine.spec.cost.StepCost)
+    draft_shares_kv: bool = False  # a twin draft reads the target's K/V for context it has not computed
 
 
 @dataclass(frozen=True, slots=True)

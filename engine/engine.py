@@ -166,7 +166,8 @@ class Engine:
         cut_short = [len(d) for d in proposal.token_ids] != widths
         fixed = any(w and s.request.spec.fixed_window for s, w in zip(seqs, widths, strict=True))
         yielded, self.yielded = self.yielded, False
-        if cut_short and not fixed and not yielded:  # never twice running: arrivals cannot stall the batch
+        # Never twice running (arrivals cannot stall the batch), nor when this step admitted rows (their first token).
+        if cut_short and not fixed and not yielded and not batch.prefill:
             self.yielded = True
             return self._yield(seqs, proposal, num_prefill, queried, hits, t0, t1, t_plan)
         if cut_short:
@@ -176,6 +177,8 @@ class Engine:
         for s, w in zip(seqs, widths, strict=True):
             s.window_counts[w] += 1
         scores = self.verifier.verify(seqs, proposal.token_ids)
+        if self.autowindow is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the planner times the verify as the profile did: finished
         t3 = self.clock()
         exact_ok, judge_ok = self._decide(seqs, widths, proposal, scores)
         t4 = self.clock()
@@ -230,9 +233,11 @@ class Engine:
         """End a step whose drafting a newcomer cut short, before its verify: the newcomer is admitted by the
         next step, after at most one draft forward instead of a verify too (TTFT as in target-only decoding). The
         drafts are dropped; what the draft cache read of the context is kept (positions it holds below the row's
-        last token)."""
+        last token). Its stats have no windows: no row decoded in it."""
         for s, fed in zip(seqs, proposal.fed_end, strict=True):
             s.draft_len = max(s.draft_len, min(fed, len(s.token_ids) - 1))
+        if self.autowindow is not None:
+            self.autowindow.abandon()
         self._publish(len(seqs))
         if self.on_step is not None:
             t = self.clock()
@@ -251,8 +256,6 @@ class Engine:
                     seconds_step=t - t0,
                     rows=(),
                     finished=(),
-                    windows=(0,) * len(seqs),
-                    window_profiles=tuple(s.request.spec.profile for s in seqs),
                     cut_short=True,
                     cost_speed=None if self.autowindow is None else self.autowindow.speed,
                 )

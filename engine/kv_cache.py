@@ -36,8 +36,10 @@ class SlotKVCache:
             v[dst, :length] = v[src, :length]
 
     def same_shape(self, other: SlotKVCache) -> bool:
-        """Whether `other` has this cache's layers, slots, positions and per-position K/V shape."""
-        return len(self.k) == len(other.k) and self.k[0].shape == other.k[0].shape
+        """Whether `other` has this cache's layers, slots, positions, per-position K/V shape, dtype and device."""
+        mine, theirs = self.k[0], other.k[0]
+        same = (mine.shape, mine.dtype, mine.device) == (theirs.shape, theirs.dtype, theirs.device)
+        return len(self.k) == len(other.k) and same
 
     def read_from(self, other: SlotKVCache, slot: int, start: int, end: int) -> None:
         """Positions `start:end` of `slot` from `other` (same shape): a twin draft's cache takes the target's K/V

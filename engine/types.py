@@ -168,7 +168,7 @@ class StepStats:
     seconds_step: float
     rows: tuple[RowCycleStats, ...]
     finished: tuple[RequestOutput, ...]
-    windows: tuple[int, ...] = ()  # each running row's window this step (0: it did not draft)
+    windows: tuple[int, ...] = ()  # each running row's window this step (0: it did not draft; none: no row decoded)
     window_profiles: tuple[str, ...] = ()  # each running row's task profile, in the order of `windows`
     predicted_seconds: float | None = None  # the `auto` planner's cost-model time of draft + verify + commit
     cut_short: bool = False  # drafting stopped early for a newly arrived request (the windows are what ran)

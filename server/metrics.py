@@ -169,8 +169,9 @@ class ServerMetrics:
         )
         self.cost_speed = Gauge(
             "autojudge_step_cost_speed",
-            "The auto cost model's device speed against its start-up profile: measured over profiled verify time, "
-            "tracked online (1: as profiled; below 1: faster)",
+            "The auto cost model's speed against its start-up profile: the median of measured over profiled verify "
+            "time, tracked online (1: as profiled; below 1: faster). It follows the device's drift, and contexts "
+            "longer than the profile's",
             m,
             registry=r,
         )
@@ -285,7 +286,7 @@ class ServerMetrics:
             self.phase_seconds.labels(name, phase).inc(getattr(stats, f"seconds_{phase}"))
         for w, profile in zip(stats.windows, stats.window_profiles, strict=True):
             self.window.labels(name, profile).observe(w)
-        if not any(stats.windows):
+        if stats.windows and not any(stats.windows):  # a step ended before its verify has none
             self.steps_without_draft.labels(name).inc()
         if stats.cut_short:
             self.draft_cuts.labels(name).inc()

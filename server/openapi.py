@@ -254,6 +254,7 @@ class Speculation(Closed):
     window: Literal["auto", "fixed"]
     default_speculative_tokens: int
     max_speculative_tokens: int
+    draft_shares_kv: bool = Field(description="the draft, an int8 copy of the target, reads the target's K/V")
     step_cost: dict[str, Any] | None = Field(description="the planner's step-cost profile: seconds per forward")
 
 

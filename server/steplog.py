@@ -3,13 +3,17 @@ step (the Prometheus series only keep sums and histograms). Written from the eng
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from engine import StepStats
+
+log = logging.getLogger("autojudge.server")
 
 
 def step_record(stats: StepStats, t: float) -> dict[str, Any]:
@@ -45,11 +49,21 @@ class StepLog:
         self._lock = threading.Lock()  # the engine thread writes, the shutdown path closes
 
     def write(self, stats: StepStats) -> None:
+        """Append one step; a write that fails (a full disk) turns the log off, never the engine that called it."""
         line = json.dumps(step_record(stats, time.time()), separators=(",", ":"))
         with self._lock:
-            if not self._file.closed:
+            if self._file.closed:
+                return
+            try:
                 self._file.write(line + "\n")
+            except OSError as e:
+                log.error("step log off: writing %s failed: %s", self._file.name, e)
+                self._close()
 
     def close(self) -> None:
         with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):  # its last flush may fail as the write did; the file is closed anyway
             self._file.close()

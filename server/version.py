@@ -26,6 +26,7 @@ def version_info(info: EngineInfo, checkout: Path = CHECKOUT) -> dict[str, Any]:
             "window": "auto" if info.auto_window else "fixed",
             "default_speculative_tokens": info.default_speculative_tokens,
             "max_speculative_tokens": info.max_speculative_tokens,
+            "draft_shares_kv": info.draft_shares_kv,
             "step_cost": info.step_cost,  # seconds per forward: target and draft, rows x tokens per row
         },
     }

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from engine.config import PlannerConfig
-from engine.spec.autowindow import AutoWindow, RowInput, Tally
+from engine.spec.autowindow import SPEED_RANGE, AutoWindow, RowInput, Tally
 from engine.spec.cost import ForwardCost, StepCost, interpolate
 from engine.spec.planner import Plan, Row, amortised_catch_up, expected_tokens, horizon, plan_windows, step_seconds
 from engine.spec.profiler import draft_tokens, grid
@@ -210,6 +210,19 @@ def test_the_devices_speed_is_followed_online_and_one_pause_barely_moves_it() ->
     plan = aw.plan(inputs)
     aw.observe(inputs, plan, list(plan.windows), 10 * plan.seconds, 4, 10 * aw.profile.target(4, 9))  # a pause
     assert aw.speed == pytest.approx(before * 1.01)
+    for _ in range(400):  # a profile from another device: the speed stops at the edge of its range
+        plan = aw.plan(inputs)
+        aw.observe(inputs, plan, list(plan.windows), plan.seconds, 4, 100 * aw.profile.target(4, 1 + max(plan.windows)))
+    assert aw.speed == SPEED_RANGE[1]
+
+
+def test_a_probe_whose_step_ended_before_its_verify_is_due_again() -> None:
+    aw = AutoWindow(PlannerConfig(), cost(0.0, 0.01, 0.004, 0.004), bonus=True)  # drafting never pays
+    inputs = rows_of(2, profile="math")
+    assert max(aw.plan(inputs).windows) == 4 and aw.probes == 1  # a profile never measured: probed at once
+    aw.abandon()  # a newcomer cut the step short: nothing was measured
+    assert aw.probes == 0 and max(aw.plan(inputs).windows) == 4  # so it is probed at the next step again
+    assert max(aw.plan(inputs).windows) == 0  # once it ran, the probe waits for `probe_every` steps
 
 
 def test_probes_cost_at_most_their_budget_of_step_time() -> None:

@@ -4,6 +4,7 @@ ran (windows, emitted tokens, the cost model's prediction); a log closed by shut
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from test_autowindow_engine import DRAFTS_PAY, auto_engine
 from test_spec_greedy import prompts, requests
@@ -33,6 +34,16 @@ def test_step_log_records_every_step(target, draft, tmp_path):
     assert sum(rec["generated_tokens"] for rec in lines) == sum(len(t) for t in tokens.values())
     assert all(rec["predicted_s"] is not None and rec["step_s"] > 0 for rec in lines)
     assert [rec["t"] for rec in lines] == sorted(rec["t"] for rec in lines)
+
+
+def test_a_failing_write_turns_the_log_off_not_the_engine(target, draft, caplog):
+    log = StepLog(Path("/dev/full"))  # every write fails: no space left on the device
+    seen: list[StepStats] = []
+    engine = auto_engine(target, draft, DRAFTS_PAY, on_step=lambda s: (seen.append(s), log.write(s)))
+    tokens, _ = run_all(engine, requests(prompts(2, seed=5)))
+    assert len(seen) > 1 and all(len(t) == 24 for t in tokens.values())
+    assert sum("step log off" in r.message for r in caplog.records) == 1  # said once, then off
+    log.close()
 
 
 def test_step_log_setting(tmp_path):

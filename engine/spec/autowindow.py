@@ -23,6 +23,7 @@ from engine.spec.planner import (
 )
 
 SPEED_STEP = 1.01  # factor of one speed nudge
+SPEED_RANGE = (0.25, 4.0)  # beyond, the profile is wrong for this device, not drifting: --reprofile
 Key = tuple[str, float, bool]  # (task profile, τ, greedy): rows that should accept alike
 
 
@@ -92,6 +93,7 @@ class AutoWindow:
         self.episodes: dict[str, tuple[int, bool]] = {}
         self.episode_len = config.amortize
         self.probed: set[str] = set()  # rows a probe made draft this step
+        self.probe_undo: tuple[dict[Key, int | None], float] = ({}, 0.0)  # this step's probes: keys' last_seen, debt
 
     def key_alpha(self, key: Key) -> float:
         return self.keys.get(key, Tally()).alpha(self.config.prior_alpha, self.config.row_weight)
@@ -111,7 +113,7 @@ class AutoWindow:
         self.rows = {k: v for k, v in self.rows.items() if k in live}  # finished and aborted rows leave
         for gone in [k for k in self.episodes if k not in live]:
             self._end_episode(gone)
-        self.probed = set()
+        self.probed, self.probe_undo = set(), ({}, 0.0)
         rows = self._rows(inputs)
         if self.guard.backoff_left > 0:
             self.guard.backoff_left -= 1
@@ -168,18 +170,35 @@ class AutoWindow:
                 windows[b] = min(r.cap, c.probe_window)
                 self.probed.add(r.request_id)
                 drafting.add(r.key)
+                self.probe_undo[0][r.key] = seen
                 self.last_seen[r.key] = self.step
                 self.probes += 1
         if windows == list(plan.windows):
             return plan
         probed = self._plan_of(rows, windows)
-        self.probe_debt += max(0.0, probed.seconds - plan.seconds)
+        debt = max(0.0, probed.seconds - plan.seconds)
+        self.probe_debt += debt
+        self.probe_undo = (self.probe_undo[0], debt)
         return probed
+
+    def abandon(self) -> None:
+        """The step just planned ended before its verify (a newcomer cut it short): it measured nothing, so the
+        probes it made are due again (a profile never measured is probed at once) and cost no budget."""
+        seen, debt = self.probe_undo
+        for key, step in seen.items():
+            if step is None:
+                self.last_seen.pop(key, None)
+            else:
+                self.last_seen[key] = step
+        self.probes -= len(self.probed)
+        self.probe_debt = max(0.0, self.probe_debt - debt)
+        self.probed, self.probe_undo = set(), ({}, 0.0)
 
     def _track_speed(self, ratio: float) -> None:
         """Nudge `speed` 1% toward `ratio` and rescale the cost model: a 30% drift is followed in about 25 steps."""
         if ratio != self.speed:
-            self.speed *= SPEED_STEP if ratio > self.speed else 1.0 / SPEED_STEP
+            speed = self.speed * (SPEED_STEP if ratio > self.speed else 1.0 / SPEED_STEP)
+            self.speed = min(max(speed, SPEED_RANGE[0]), SPEED_RANGE[1])
             self.cost = self.profile.scaled(self.speed)
 
     def costed(self, inputs: list[RowInput], windows: list[int]) -> Plan:
@@ -220,7 +239,9 @@ class AutoWindow:
             self.last_seen[r.key] = self.step
         if seconds <= 0 or plan.seconds <= 0:
             return
-        self._track_speed(verify / self.profile.target(len(inputs), 1 + max(plan.windows)))
+        profiled = self.profile.target(len(inputs), 1 + max(plan.windows))
+        if profiled > 0 and verify > 0:
+            self._track_speed(verify / profiled)
         plain_step = self.overhead + self.cost.target(len(inputs), 1)
         if not any(plan.windows):
             self.overhead = max(0.0, 0.9 * self.overhead + 0.1 * (seconds - (plan.seconds - self.overhead)))

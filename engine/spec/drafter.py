@@ -40,7 +40,7 @@ class Drafter:
 
     def __init__(self, runner: ModelRunner, shared: SlotKVCache | None = None) -> None:
         if shared is not None and not runner.cache.same_shape(shared):
-            raise ValueError("a draft that shares the target's K/V must have the target's cache shape")
+            raise ValueError("a draft that shares the target's K/V needs the target's cache shape, dtype and device")
         self.runner = runner
         self.shared = shared
 
@@ -87,9 +87,9 @@ class Drafter:
         probs = torch.zeros(num_rows, width, vocab, device=dev) if sampled else None
         hidden_size = self.runner.model.config.hidden_size
         hidden = torch.zeros(num_rows, width, hidden_size, device=dev) if want_hidden else None
-        if self.shared is not None:
+        if self.shared is not None:  # in place of the catch-up forward; a lag of one or two step 0 reads itself
             for b in range(num_rows):
-                if widths[b] > 0 and fed[b] < seqs[b].target_len:
+                if widths[b] > 0 and catch_up_tokens(seqs[b]):
                     self.runner.cache.read_from(self.shared, seqs[b].slot, fed[b], seqs[b].target_len)
                     fed[b] = seqs[b].target_len
         lagging = [b for b in range(num_rows) if widths[b] > 0 and self.catch_up(seqs[b])]
