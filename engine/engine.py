@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -130,6 +132,7 @@ class Engine:
         num_prefill = self._prefill(batch.prefill)
         seqs = batch.running
         t1 = self.clock()
+        start = _Start(num_prefill, queried, hits, t0, t1)
         if not seqs:
             return []
         # A cycle emits at most W (+1 bonus) tokens: never draft past max_tokens.
@@ -169,7 +172,7 @@ class Engine:
         # Never twice running (arrivals cannot stall the batch), nor when this step admitted rows (their first token).
         if cut_short and not fixed and not yielded and not batch.prefill:
             self.yielded = True
-            return self._yield(seqs, proposal, num_prefill, queried, hits, t0, t1, t_plan)
+            return self._yield(seqs, proposal, start, t_plan)
         if cut_short:
             assert self.autowindow is not None
             widths = [len(d) for d in proposal.token_ids]
@@ -196,12 +199,8 @@ class Engine:
         if self.on_step is not None:
             self.on_step(
                 StepStats(
-                    load=self.load,
-                    num_prefill_tokens=num_prefill,
-                    num_prefix_query_tokens=queried,
-                    num_prefix_hit_tokens=hits,
+                    **start.fields(self.load),
                     num_generated_tokens=emitted,
-                    seconds_prefill=t1 - t0,
                     seconds_plan=t_plan - t1 + t6 - t5,
                     seconds_draft=t2 - t_plan,
                     seconds_verify=t3 - t2 + t5 - t4,
@@ -223,11 +222,7 @@ class Engine:
         self,
         seqs: list[Sequence],
         proposal: DraftProposal,
-        num_prefill: int,
-        queried: int,
-        hits: int,
-        t0: float,
-        t1: float,
+        start: _Start,
         t_plan: float,
     ) -> list[RequestOutput]:
         """End a step whose drafting a newcomer cut short, before its verify: the newcomer is admitted by the
@@ -243,17 +238,13 @@ class Engine:
             t = self.clock()
             self.on_step(
                 StepStats(
-                    load=self.load,
-                    num_prefill_tokens=num_prefill,
-                    num_prefix_query_tokens=queried,
-                    num_prefix_hit_tokens=hits,
+                    **start.fields(self.load),
                     num_generated_tokens=0,
-                    seconds_prefill=t1 - t0,
-                    seconds_plan=t_plan - t1,
+                    seconds_plan=t_plan - start.t1,
                     seconds_draft=t - t_plan,
                     seconds_verify=0.0,
                     seconds_judge=0.0,
-                    seconds_step=t - t0,
+                    seconds_step=t - start.t0,
                     rows=(),
                     finished=(),
                     cut_short=True,
@@ -419,6 +410,27 @@ class Engine:
     def _kv_usage(self) -> float:
         used = sum(len(s.token_ids) for s in self.scheduler.running)
         return used / (self.config.cache.max_slots * self.config.cache_len)
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """What a step knows before it decodes: the prefill of the requests it admitted and its first two clock times."""
+
+    num_prefill: int  # prompt tokens computed
+    queried: int  # prompt tokens of the admitted requests
+    hits: int  # of those, positions their slots still held
+    t0: float  # the step began
+    t1: float  # its prefill ended
+
+    def fields(self, load: EngineLoad) -> dict[str, Any]:
+        """The `StepStats` fields every step reports alike."""
+        return {
+            "load": load,
+            "num_prefill_tokens": self.num_prefill,
+            "num_prefix_query_tokens": self.queried,
+            "num_prefix_hit_tokens": self.hits,
+            "seconds_prefill": self.t1 - self.t0,
+        }
 
 
 def planner_key(seq: Sequence) -> tuple[str, float, bool]:
