@@ -395,6 +395,19 @@ def planner_section(totals: Json, speculation: Json) -> list[str]:
     return lines
 
 
+def portable(value: Any) -> Any:
+    """`value` with this machine's absolute paths made relative to the checkout where they lie beside it (the data
+    sets), else cut to their file name (a step log in a scratch folder): a report goes into the repository."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        here = Path.cwd()
+        return os.path.relpath(value, here) if Path(value).is_relative_to(here.parent) else Path(value).name
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -418,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "args": vars(args),
     }
     meta["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in meta["args"].items()}
+    meta, cells = portable(meta), portable(cells)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(args, meta, cells))
