@@ -119,7 +119,7 @@ crossfit-save:  ## copy RUN's fold heads and gzipped evaluation checkpoints of T
 	set -e; for f in $$(seq 0 $$(($(FOLDS) - 1))); do \
 	  test -f $(RUN)/heads/$(TASK)-fold$$f/head.json || continue; \
 	  d=$(CF_STORE)/$(TASK)-fold$$f; mkdir -p $$d; cp $(RUN)/heads/$(TASK)-fold$$f/head.* $$d/; \
-	  if test -f $(RUN)/eval/$(TASK)-fold$$f/traces.jsonl; then \
+	  if test -s $(RUN)/eval/$(TASK)-fold$$f/traces.jsonl; then \
 	    gzip -9nc $(RUN)/eval/$(TASK)-fold$$f/traces.jsonl > $$d/traces.jsonl.gz; fi; \
 	done
 
