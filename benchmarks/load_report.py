@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 import torch
+from argtypes import positive_list
 
 from loadtest.cli import run as run_load
 from loadtest.config import LoadConfig
@@ -60,8 +61,8 @@ def modes(windows: list[int]) -> dict[str, Json]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--concurrency", default="1,4,16", help="closed-loop users per level (comma list)")
-    p.add_argument("--windows", default="2,4,8", help="fixed windows measured beside auto (comma list)")
+    p.add_argument("--concurrency", type=positive_list, default=[1, 4, 16], help="closed-loop users per level (1,4)")
+    p.add_argument("--windows", type=positive_list, default=[2, 4, 8], help="fixed windows measured beside auto (2,4)")
     p.add_argument("--modes", help="measure only these modes (comma list of names as in the table, e.g. "
                    "'lossless auto,judge auto'; no-spec is always measured); default: all")  # fmt: skip
     p.add_argument("--step-log", type=Path, help="the server's per-step JSON lines (its --step-log), for tuning")
@@ -105,13 +106,18 @@ async def one_cell(url: str, cfg: LoadConfig, prompts: list[Json]) -> Json:
     return doc
 
 
-async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
-    levels = [int(c) for c in args.concurrency.split(",")]
-    table = modes([int(k) for k in args.windows.split(",")])
+def mode_names(args: argparse.Namespace, table: dict[str, Json]) -> list[str]:
+    """The modes to measure: `--modes` (no-spec first, every ratio is to it), or all of `table`."""
     names = [m.strip() for m in args.modes.split(",")] if args.modes else list(table)
     if unknown := [m for m in names if m not in table]:
         raise SystemExit(f"load_report: unknown modes {unknown}; known: {', '.join(table)}")
-    names = list(dict.fromkeys(["no-spec", *names]))  # every ratio is to no-spec
+    return list(dict.fromkeys(["no-spec", *names]))
+
+
+async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
+    levels = args.concurrency
+    table = modes(args.windows)
+    names = mode_names(args, table)
     cells: list[Json] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
         await server.wait_ready(http, 600.0)
@@ -186,7 +192,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
     heads = {p["name"]: p for p in meta["server"]["profiles"]["data"]}
     judge = heads["math"]
     m = meta["machine"]
-    fixed = [int(k) for k in args.windows.split(",")]
+    fixed = args.windows
 
     def tput(r: int, c: int, mode: str) -> float:
         return float(by[(r, c, mode)]["throughput"]["output_tokens_per_s"] or 0.0)
@@ -402,7 +408,7 @@ def portable(value: Any) -> Any:
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, list):
         return [portable(v) for v in value]
-    if isinstance(value, str) and value.startswith("/"):
+    if isinstance(value, str) and value.startswith("/") and Path(value).exists():  # not "/v1/..." nor text
         here = Path.cwd()
         return os.path.relpath(value, here) if Path(value).is_relative_to(here.parent) else Path(value).name
     return value
@@ -411,6 +417,7 @@ def portable(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    mode_names(args, modes(args.windows))  # refuse unknown modes before any server starts
     problems = load_problems("gsm8k-test", data_dir=args.data_dir)[: args.prompts]
     prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
     load_before = os.getloadavg()[0]
