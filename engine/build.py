@@ -78,7 +78,7 @@ class ModelSource:
     threads: int = 0  # CPU threads; 0 keeps torch's choice
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "autojudge")
     reprofile: bool = False  # auto windows: measure the step-cost profile again instead of reading its cache
-    share_kv: bool = True  # a twin draft (an int8 copy of the target) reads the target's K/V for unread context
+    draft_shares_kv: bool = True  # a twin draft (an int8 copy of the target) reads the target's K/V for unread context
     model_name: str | None = None  # served model id; default: the target file or directory name
     profiles: tuple[ProfileSpec, ...] | None = None  # None: `default_profiles` from `heads`
 
@@ -241,7 +241,7 @@ def build_engine(
     judge, profiles = load_profiles(specs, pair, device)
     # Not under a DD-DT head: it reads the draft's hidden states, which were mined with the draft's own K/V.
     twin = draft is not None and twin_draft(source.pair, source.target, source.draft)
-    if twin and source.share_kv and not judge.uses_draft_hidden:
+    if twin and source.draft_shares_kv and not judge.uses_draft_hidden:
         config = dataclasses.replace(config, spec=dataclasses.replace(config.spec, draft_shares_kv=True))
     step_cost, cost_note = None, ""
     if config.spec.auto_window and draft is not None:

@@ -124,7 +124,7 @@ class Settings:
             threads=self.threads,
             cache_dir=Path(self.cache_dir),
             reprofile=self.reprofile,
-            share_kv=self.draft_shares_kv,
+            draft_shares_kv=self.draft_shares_kv,
             model_name=self.served_model_name,
             profiles=read_profiles_file(Path(self.profiles)) if self.profiles else None,
         )
