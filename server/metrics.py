@@ -178,6 +178,7 @@ class ServerMetrics:
         self.judge_latency = Histogram(
             "autojudge_judge_latency_seconds", "Judge scoring time per step", m, buckets=JUDGE_BUCKETS, registry=r
         )
+        self.judge_latency.labels(self.model_name)  # empty until a judged mismatch: the panel reads NaN, not "no data"
         self.head_info = Gauge(
             "autojudge_judge_head_info",
             "Which head serves which profile",

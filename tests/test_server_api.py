@@ -252,10 +252,14 @@ def test_judge_profile_accepts_mismatches_and_reports_them(target, draft):
             body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "task_profile": "math"}
             default = (await http.post("/v1/completions", json=body)).json()
             accept_all = (await http.post("/v1/completions", json=body | {"judge_threshold": 1.0})).json()
+            judged = (await http.get("/metrics")).text
             lossless = (await http.post("/v1/completions", json=body | {"judge_threshold": 0.0})).json()
-            return default, accept_all, lossless
+            return default, accept_all, lossless, judged, (await http.get("/metrics")).text
 
-    default, accept_all, lossless = run(scenario)
+    default, accept_all, lossless, judged, after = run(scenario)
+    timed = sample(judged, "autojudge_judge_latency_seconds_count", model_name=MODEL)
+    assert timed > 0  # one observation per step with a judged mismatch
+    assert sample(after, "autojudge_judge_latency_seconds_count", model_name=MODEL) == timed  # τ = 0 consults none
     assert default["metrics"]["judge"]["judge_threshold"] == 0.3
     judge = accept_all["metrics"]["judge"]
     assert judge["task_profile"] == "math" and judge["judge_threshold"] == 1.0
@@ -380,6 +384,7 @@ def test_start_up_warms_the_engine_before_ready_and_keeps_it_out_of_the_metrics(
     assert sample(metrics, "autojudge_engine_step_seconds_count", model_name=MODEL) == 0
     assert any("warm-up generation (profiles lossless, math) took" in r.getMessage() for r in caplog.records)
     assert sample(metrics, "autojudge_judge_evaluations_total", model_name=MODEL) == 0
+    assert sample(metrics, "autojudge_judge_latency_seconds_count", model_name=MODEL) == 0  # exists, empty
 
 
 def test_default_profile_can_be_chosen_by_the_operator(target, draft):
