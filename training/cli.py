@@ -78,7 +78,8 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder]:
     )
     if draft is None:
         raise ValueError("mining and evaluation need a draft model (--draft none is not allowed here)")
-    print(f"loaded {target.source} + draft {args.draft} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    shape = f"{draft.config.num_layers} layers x {draft.config.hidden_size}"
+    print(f"loaded {target.source} + draft ({shape}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target, draft
 
 
