@@ -16,3 +16,14 @@ def positive_list(text: str) -> list[int]:
     if not all(r.isdigit() and int(r) > 0 for r in text.split(",")):
         raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, not {text!r}")
     return [int(r) for r in text.split(",")]
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1] (a judge threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {text!r}")
+    return value

@@ -1,10 +1,12 @@
-"""Load report: starts `autojudge-serve` on the embedded pair (127.0.0.1, a free port; `auto` windows) and drives
-it with the project's load generator (`loadtest`), closed loop, streaming chat, greedy, GSM8K test questions in the
-judge's prompt format, at each `--concurrency` level and in these modes:
+"""Load report: starts `autojudge-serve` on a model pair (`--pair`, the embedded one by default; 127.0.0.1, a free
+port; `auto` windows) and drives it with the project's load generator (`loadtest`), closed loop, streaming chat,
+greedy, the `--task`'s problems (GSM8K test questions or HumanEval tasks) in the judge's prompt format, at each
+`--concurrency` level and in these modes:
 
 - `no-spec`: `num_speculative_tokens: 0`, plain target decoding on the same engine (the speed reference);
-- `lossless K=k` / `judge K=k`: the `lossless` profile (τ = 0) or the `math` profile at its head's default
-  threshold, drafting exactly k tokens every cycle (`speculative_window: fixed`), for each k of `--windows`;
+- `lossless K=k` / `judge K=k`: the `lossless` profile (τ = 0) or the task's profile (`math` or `code`) at its
+  head's default threshold or `--judge-threshold`, drafting exactly k tokens every cycle
+  (`speculative_window: fixed`), for each k of `--windows`;
 - `lossless auto` / `judge auto`: the same profiles with the planner choosing each row's window every step.
 
 Cells run for `--duration` seconds each, in `--repeats` rounds; the mode order rotates between rounds so that drift
@@ -34,33 +36,41 @@ from typing import Any
 
 import httpx
 import torch
-from argtypes import positive_list
+from argtypes import positive, positive_list, unit_float
 
+from engine.model.pair import PAIR_DTYPES, PAIRS
 from loadtest.cli import run as run_load
 from loadtest.config import LoadConfig
 from server_bench import Server
 from training.data import DEFAULT_GSM8K_DIR, load_problems
 
 Json = dict[str, Any]
-PROFILES = {"lossless": "lossless", "judge": "math"}  # mode prefix -> task profile
-SERVER_ARGS = ["--max-slots", "16", "--threads", "2", "--log-level", "warning", "--num-speculative-tokens", "auto"]
+SERVER_ARGS = ["--threads", "2", "--log-level", "warning", "--num-speculative-tokens", "auto"]
+SOURCES = {"math": ("gsm8k-test", "GSM8K test questions"), "code": ("humaneval-all", "HumanEval tasks")}
+RESULTS = {"smollm2": "autojudge-results.md", "qwen-coder": "qwen-pair.md"}  # where each pair's curves are
 
 
-def modes(windows: list[int]) -> dict[str, Json]:
+def modes(windows: list[int], task: str, threshold: float | None) -> dict[str, Json]:
+    """Mode name -> the request fields that make it; `judge` modes use the `task` profile."""
+    judge: Json = {"task_profile": task} | ({} if threshold is None else {"judge_threshold": threshold})
     out: dict[str, Json] = {"no-spec": {"task_profile": "lossless", "num_speculative_tokens": 0}}
-    for prefix, profile in PROFILES.items():
+    for prefix, fields in (("lossless", {"task_profile": "lossless"}), ("judge", judge)):
         for k in windows:
-            out[f"{prefix} K={k}"] = {
-                "task_profile": profile,
-                "num_speculative_tokens": k,
-                "speculative_window": "fixed",
-            }
-        out[f"{prefix} auto"] = {"task_profile": profile}
+            out[f"{prefix} K={k}"] = fields | {"num_speculative_tokens": k, "speculative_window": "fixed"}
+        out[f"{prefix} auto"] = fields
     return out
+
+
+def table_of(args: argparse.Namespace) -> dict[str, Json]:
+    return modes(args.windows, args.task, args.judge_threshold)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pair", choices=PAIRS, default=PAIRS[0], help="the served model pair (its shipped heads)")
+    p.add_argument("--task", choices=sorted(SOURCES), default="math", help="the judge profile and its prompts")
+    p.add_argument("--judge-threshold", type=unit_float, help="τ of the judge modes (default: the head's own)")
+    p.add_argument("--max-slots", type=positive, default=16, help="the server's KV slots")
     p.add_argument("--concurrency", type=positive_list, default=[1, 4, 16], help="closed-loop users per level (1,4)")
     p.add_argument("--windows", type=positive_list, default=[2, 4, 8], help="fixed windows measured beside auto (2,4)")
     p.add_argument("--modes", help="measure only these modes (comma list of names as in the table, e.g. "
@@ -69,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=40.0, help="seconds per cell")
     p.add_argument("--repeats", type=int, default=3, help="rounds over all cells")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--prompts", type=int, default=64, help="GSM8K test questions cycled through")
+    p.add_argument("--prompts", type=int, default=64, help="problems of the task cycled through")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_GSM8K_DIR)
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
@@ -116,7 +126,7 @@ def mode_names(args: argparse.Namespace, table: dict[str, Json]) -> list[str]:
 
 async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
     levels = args.concurrency
-    table = modes(args.windows)
+    table = table_of(args)
     names = mode_names(args, table)
     cells: list[Json] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as http:
@@ -190,7 +200,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
     by = {(c["round"], c["concurrency"], c["mode"]): c["report"] for c in cells}
     rounds = sorted({c["round"] for c in cells})
     heads = {p["name"]: p for p in meta["server"]["profiles"]["data"]}
-    judge = heads["math"]
+    judge = heads[args.task]
     m = meta["machine"]
     fixed = args.windows
 
@@ -201,7 +211,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         return float(by[(r, c, mode)]["latency_s"]["ttft"]["p50"] or 0.0)
 
     lines = [
-        "# Load report: auto speculation windows on the embedded pair, this CPU",
+        f"# Load report: auto speculation windows on the {args.pair} pair, this CPU",
         "",
         "Made by `benchmarks/load_report.py` (which starts the server and runs `loadtest` in-process):",
         "",
@@ -214,10 +224,12 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         f"- **Machine:** {m['cpu']}, {m['cpus']} CPUs, no GPU; Python {m['python']}, torch {m['torch']}; "
         f"commit `{m['commit']}`. Load average (1 min) {meta['load_average'][0]:.2f} before the run and "
         f"{meta['load_average'][1]:.2f} after it.",
-        f"- **Server:** `autojudge-serve {' '.join(meta['server_args'])}` (float32, max_model_len 2048, 16 KV slots, "
-        f"window cap 8), target `{meta['server']['version']['model']}`, draft `{meta['server']['version']['draft']}`.",
-        f"- **Judge head** (`math` profile): sha256 `{judge['head_sha256']}`, layout {judge['layout']}, default "
-        f"τ = {judge['judge_threshold']:.3f}.",
+        f"- **Server:** `autojudge-serve {' '.join(meta['server_args'])}` ({PAIR_DTYPES[args.pair]}, max_model_len "
+        f"2048, {args.max_slots} KV slots, window cap 8), target `{meta['server']['version']['model']}`, draft "
+        f"`{meta['server']['version']['draft']}`.",
+        f"- **Judge head** (`{args.task}` profile): sha256 `{judge['head_sha256']}`, layout {judge['layout']}, "
+        f"default τ = {judge['judge_threshold']:.3f}; the judge modes run at "
+        + ("that τ." if args.judge_threshold is None else f"τ = {args.judge_threshold:g} (`--judge-threshold`)."),
         "",
         "## Workload",
         "",
@@ -225,8 +237,8 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         "flight at the end are awaited and counted), "
         f"{len(rounds)} rounds, mode order rotated per round; one untimed 10 s round first.",
         f"- Streaming `/v1/chat/completions`, greedy (temperature 0), `max_tokens` {args.max_tokens}, EOS ends a "
-        f"reply; the first {args.prompts} GSM8K test questions in the judge heads' prompt format "
-        "(zero-shot chain-of-thought user turn), cycled in order.",
+        f"reply; the first {args.prompts} {SOURCES[args.task][1]} in the judge heads' prompt format "
+        "(the user turn the heads were mined with), cycled in order.",
         "- Modes: **no-spec** (`num_speculative_tokens: 0`: target-only decoding through the same engine path), "
         f"**lossless / judge K=k** (`speculative_window: fixed`, k in {', '.join(map(str, fixed))}), "
         "**lossless / judge auto** (the planner picks each row's window every step, 0 included, up to 8).",
@@ -306,9 +318,9 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
     lines += [
         "",
         "Answer quality against τ (agreement with the target's own answers, accuracy) is measured offline by the "
-        "evaluation command on held-out problems: [autojudge-results.md](autojudge-results.md).",
+        f"evaluation command on held-out problems: [{RESULTS[args.pair]}]({RESULTS[args.pair]}).",
         "",
-        "Raw reports of every cell: [load-report.json](load-report.json).",
+        f"Raw reports of every cell: [{args.out.name}.json]({args.out.name}.json).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -417,11 +429,12 @@ def portable(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    mode_names(args, modes(args.windows))  # refuse unknown modes before any server starts
-    problems = load_problems("gsm8k-test", data_dir=args.data_dir)[: args.prompts]
+    mode_names(args, table_of(args))  # refuse unknown modes before any server starts
+    problems = load_problems(SOURCES[args.task][0], data_dir=args.data_dir)[: args.prompts]
     prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
     load_before = os.getloadavg()[0]
-    server_args = [*SERVER_ARGS, *([] if args.reuse_prefix else ["--no-reuse-prefix"])]
+    server_args = ["--pair", args.pair, "--max-slots", str(args.max_slots), *SERVER_ARGS]
+    server_args += [] if args.reuse_prefix else ["--no-reuse-prefix"]
     server_args += ["--step-log", str(args.step_log)] if args.step_log else []
     server = Server(server_args)
     print(f"server log: {server.log}", file=sys.stderr)
