@@ -19,7 +19,7 @@ from engine.engine import Engine
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, tokenizer_fingerprint
-from engine.model.pair import DTYPES, QUANTIZE, load_pair, twin_draft
+from engine.model.pair import DTYPES, QUANTIZE, draft_name, load_pair, twin_draft
 from engine.spec.cost import StepCost
 from engine.spec.judging import LOSSLESS, HeadJudge
 from engine.spec.profiler import cached_step_cost, describe, profile_key, profile_step_cost
@@ -250,7 +250,7 @@ def build_engine(
         cost_note = f", auto windows on a {'measured' if measured else 'cached'} step cost: {describe(step_cost)}"
     engine = pair_engine(config, target, draft, judge, on_step, device, step_cost)
     name = source.model_name or Path(target.source).name.removesuffix(".gguf")
-    info = engine_info(engine, name, None if draft is None else source.draft, profiles)
+    info = engine_info(engine, name, draft_name(source.pair, source.target, source.draft), profiles)
     seconds = time.perf_counter() - start
     served = ", ".join(f"{p.name} (τ={p.judge_threshold:.4g}, head {(p.head_sha256 or '-')[:12]})" for p in profiles)
     precision = str(next(target.model.parameters()).dtype).removeprefix("torch.")

@@ -13,7 +13,7 @@ from test_spec_greedy import prompts, requests
 
 from conftest import make_engine, run_all, tiny_decoder
 from engine import CacheConfig, Engine, EngineConfig, SpecConfig
-from engine.model.pair import twin_draft
+from engine.model.pair import draft_name, twin_draft
 from engine.spec.autowindow import RowInput
 from engine.spec.planner import Plan
 from engine.types import StepStats
@@ -88,3 +88,11 @@ def test_only_a_draft_made_from_the_target_is_a_twin():
     assert twin_draft("qwen-coder", "some/target.gguf", "int8")  # an int8 copy of the target given
     assert not twin_draft("qwen-coder", None, "int8")  # the pair's own 0.5B draft, quantized
     assert not twin_draft("smollm2", None, "none") and not twin_draft("smollm2", None, "other/draft")
+
+
+def test_the_draft_is_named_for_what_is_loaded_not_for_the_flag():
+    assert draft_name("smollm2", None, "int8") == "int8" and draft_name("smollm2", None, "int8-body") == "int8-body"
+    assert draft_name("qwen-coder", None, "int8") == "qwen2.5-coder-0.5b-instruct"  # the pair brings its draft
+    assert draft_name("qwen-coder", "t.gguf", "int8") == "int8"  # a target given: its int8 copy
+    assert draft_name("smollm2", "t", "/models/small-draft.gguf") == "small-draft"
+    assert draft_name("qwen-coder", None, "none") is None

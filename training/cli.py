@@ -18,7 +18,7 @@ from engine.flags import add_pair_flags
 from engine.model.decoder import Decoder
 from engine.model.fingerprint import pair_fingerprint
 from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokenizer_fingerprint
-from engine.model.pair import load_pair
+from engine.model.pair import draft_name, load_pair
 from judge.features import LAYOUTS
 from judge.io import TENSORS, load_head, pair_difference, save_head
 from training.crossfit import (
@@ -78,8 +78,8 @@ def load_models(args: argparse.Namespace) -> tuple[LoadedModel, Decoder]:
     )
     if draft is None:
         raise ValueError("mining and evaluation need a draft model (--draft none is not allowed here)")
-    shape = f"{draft.config.num_layers} layers x {draft.config.hidden_size}"
-    print(f"loaded {target.source} + draft ({shape}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    name = draft_name(args.pair, args.target, args.draft)
+    print(f"loaded {target.source} + draft {name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target, draft
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model.assets import embedded_target_path, fetch_qwen_pair
+from engine.model.assets import QWEN_CODER_DRAFT, embedded_target_path, fetch_qwen_pair
 from engine.model.decoder import Decoder
 from engine.model.loader import LoadedModel, check_pair, load_model
 from engine.model.quant import quantize_int8
@@ -28,6 +28,18 @@ def twin_draft(pair: str, target: str | None, draft: str) -> bool:
     """Whether `load_pair` makes the draft from the target itself (an int8 copy): the pair then shares one
     architecture and one set of weights before quantization, so the target's K/V can stand in for the draft's."""
     return draft in ("int8", "int8-body") and (bool(target) or pair != "qwen-coder")
+
+
+def draft_name(pair: str, target: str | None, draft: str) -> str | None:
+    """What `load_pair` serves as the draft, by name: the twin's flag, the named pair's draft model, or the given
+    checkpoint's file or directory name; None without a draft."""
+    if draft == "none":
+        return None
+    if twin_draft(pair, target, draft):
+        return draft
+    if not target and pair == "qwen-coder":
+        return QWEN_CODER_DRAFT.name
+    return Path(draft).name.removesuffix(".gguf")
 
 
 def load_pair(
