@@ -76,7 +76,9 @@ def serve(settings: Settings) -> None:
     """Listen at once (503 while loading, see `Deferred`), load the models in a thread, then serve."""
     failure: list[BaseException] = []
     metrics: list[ServerMetrics] = []  # set once the models are loaded; the engine does not step before
-    step_log = StepLog(Path(settings.step_log)) if settings.step_log else None
+    step_log = None
+    if settings.step_log:
+        step_log = StepLog(Path(settings.step_log), max_bytes=int(settings.step_log_max_mb * (1 << 20)))
 
     def on_step(stats: StepStats) -> None:
         metrics[0].observe_step(stats)

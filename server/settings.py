@@ -64,6 +64,9 @@ class Settings:
     step_log: str | None = _opt(
         None, "append one JSON line per engine step (windows, timings, the cost model's prediction) to this file"
     )
+    step_log_max_mb: float = _opt(
+        100.0, "rotate the step log to <file>.1 when it would pass this size (MiB; 0: never), so it stays bounded"
+    )
     spec_metrics: str = _opt("summary", "none | summary | detailed: per-request stats of requests that ask none")
     log_level: str = _opt("info", "debug | info | warning | error")
     pair: str = _opt(PAIRS[0], "named model pair: " + " | ".join(PAIRS))
@@ -103,6 +106,8 @@ class Settings:
             raise ValueError("request_timeout must be > 0, shutdown_timeout and drain_grace >= 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if not self.step_log_max_mb >= 0:  # NaN included
+            raise ValueError("step_log_max_mb must be >= 0")
         if self.spec_metrics not in SPEC_METRICS:
             raise ValueError(f"spec_metrics must be one of {', '.join(SPEC_METRICS)}")
         width = str(self.num_speculative_tokens)

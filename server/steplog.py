@@ -42,10 +42,14 @@ def step_record(stats: StepStats, t: float) -> dict[str, Any]:
 
 class StepLog:
     """Appends `step_record`s to a file; `t` is the Unix time the step ended, to line steps up with a client's
-    log. Line-buffered, so a crash loses at most the step being written."""
+    log. Line-buffered, so a crash loses at most the step being written. A line that would take the file past
+    `max_bytes` first moves it to `<path>.1` (replacing the one before) and starts it anew, so a server left
+    running with its step log holds at most about twice `max_bytes` on disk (0: never rotated)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = 0) -> None:
+        self._path, self._max = path, max_bytes
         self._file: IO[str] = path.open("a", buffering=1)
+        self._size = self._file.tell()
         self._lock = threading.Lock()  # the engine thread writes, the shutdown path closes
 
     def write(self, stats: StepStats) -> None:
@@ -55,10 +59,19 @@ class StepLog:
             if self._file.closed:
                 return
             try:
-                self._file.write(line + "\n")
+                if self._max and self._size and self._size + len(line) + 1 > self._max:
+                    self._rotate()
+                self._file.write(line + "\n")  # ASCII (json.dumps escapes the rest): characters are bytes
+                self._size += len(line) + 1
             except OSError as e:
                 log.error("step log off: writing %s failed: %s", self._file.name, e)
                 self._close()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self._path.replace(self._path.with_name(self._path.name + ".1"))
+        self._file = self._path.open("a", buffering=1)
+        self._size = 0
 
     def close(self) -> None:
         with self._lock:

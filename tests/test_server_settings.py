@@ -58,6 +58,7 @@ def test_json_file_and_boolean_flags(tmp_path):
         ([], {"AUTOJUDGE_PORT": "eighty"}, "port must be int"),
         ([], {"AUTOJUDGE_BONUS_TOKEN": "maybe"}, "bonus_token must be a boolean"),
         (["--port", "0"], {}, "port must be in"),
+        (["--step-log-max-mb", "-1"], {}, "step_log_max_mb must be >= 0"),
         ([], {"AUTOJUDGE_API_KEY": ""}, None),
     ],
 )

@@ -46,8 +46,26 @@ def test_a_failing_write_turns_the_log_off_not_the_engine(target, draft, caplog)
     log.close()
 
 
+def test_a_full_log_moves_to_dot_one_and_starts_anew(target, draft, tmp_path):
+    path = tmp_path / "steps.jsonl"
+    path.write_text("x" * 50 + "\n")  # a log from an earlier run is appended to, and counts toward the cap
+    log = StepLog(path, max_bytes=2000)
+    seen: list[StepStats] = []
+    engine = auto_engine(target, draft, DRAFTS_PAY, on_step=lambda s: (seen.append(s), log.write(s)))
+    run_all(engine, requests(prompts(3, seed=5)))
+    log.close()
+    rotated = path.with_name("steps.jsonl.1")
+    assert rotated.is_file() and path.stat().st_size <= 2000 and rotated.stat().st_size <= 2000
+    lines = rotated.read_text().splitlines() + path.read_text().splitlines()
+    steps = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(path.read_text().splitlines()) < len(steps) <= len(seen)  # older ones may be gone, none doubled
+    assert [rec["windows"] for rec in steps] == [list(s.windows) for s in seen[-len(steps) :]]
+
+
 def test_step_log_setting(tmp_path):
     assert load_settings([], {}).step_log is None
+    assert load_settings([], {}).step_log_max_mb == 100
+    assert load_settings(["--step-log-max-mb", "0.5"], {}).step_log_max_mb == 0.5
     path = str(tmp_path / "s.jsonl")
     assert load_settings(["--step-log", path], {}).step_log == path
     assert load_settings([], {"AUTOJUDGE_STEP_LOG": path}).step_log == path
