@@ -16,6 +16,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from engine import EngineClient, StepStats, build_engine
+from engine.model.pair import draft_name
 from server.app import create_app
 from server.loading import Deferred
 from server.metrics import ServerMetrics
@@ -86,7 +87,8 @@ def serve(settings: Settings) -> None:
             step_log.write(stats)
 
     def load() -> ASGIApp:
-        log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, settings.draft)
+        draft = draft_name(settings.pair, settings.target, settings.draft) or "none"
+        log.info("loading models (pair %s, target %s, draft %s) ...", settings.pair, settings.target, draft)
         loaded = build_engine(settings.model_source(), settings.engine_config(), on_step)
         log.info("loaded %s in %.1f s", loaded.summary, loaded.seconds)
         metrics.append(ServerMetrics(loaded.info, loaded.client.load, vllm_names=settings.vllm_metrics))
