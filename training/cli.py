@@ -37,6 +37,7 @@ from training.data import DEFAULT_GSM8K_DIR, SOURCES, Problem, load_problems, pr
 from training.evaluate import ProblemResult, markdown_table, score_traces, summarise, write_reports
 from training.features import collect_features, load_features, read_labels, save_features, without_prompts
 from training.folds import Fold, parse_fold
+from training.goals import Goal, statements
 from training.labelpack import read_packed, unpack_all, write_packed
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
@@ -446,6 +447,24 @@ def pool_runs(argv: Sequence[str]) -> int:
     return 0
 
 
+def goals(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="autojudge-train goals",
+        description="State an evaluation's goals: the fastest AutoJudge point within an accuracy drop and an "
+        "agreement, against a speed-up; each baseline against the AutoJudge curve at equal speed.",
+    )
+    p.add_argument("results", type=Path, help="results.json of evaluate or pool")
+    p.add_argument("--max-drop", type=float, default=1.0, help="accuracy points lost, at most")
+    p.add_argument("--min-agreement", type=float, default=0.95, help="outcome agreement with the target, at least")
+    p.add_argument("--speedup", type=float, default=1.3, help="x lossless tokens per cycle, the goal")
+    p.add_argument("--window", type=int, default=32, help="the window W whose tokens per cycle count")
+    args = p.parse_args(argv)
+    goal = Goal(args.max_drop, args.min_agreement, args.speedup, args.window)
+    rows = json.loads(args.results.read_text())["rows"]
+    print("\n".join(statements(rows, goal)))
+    return 0
+
+
 COMMANDS = {
     "mine": mine,
     "labels": labels,
@@ -455,6 +474,7 @@ COMMANDS = {
     "fit": fit,
     "evaluate": evaluate,
     "pool": pool_runs,
+    "goals": goals,
 }
 
 
