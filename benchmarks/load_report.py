@@ -133,6 +133,11 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
         await server.wait_ready(http, 600.0)
         version = (await http.get("/version")).json()
         profiles = (await http.get("/v1/profiles")).json()
+    served = {p["name"] for p in profiles["data"]}
+    if args.task not in served and any(m.startswith("judge") for m in names):
+        listed = ", ".join(sorted(served))
+        raise SystemExit(f"load_report: the server has no {args.task!r} profile (it serves {listed}); choose "
+                         "another --task, or leave the judge modes out with --modes")  # fmt: skip
     base = LoadConfig(endpoint="chat", max_tokens=args.max_tokens, duration=args.duration, grace=120.0,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, progress=False)  # fmt: skip
     # One untimed round at the top level first: allocator, caches and slots are warm for every measured cell.
@@ -200,7 +205,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
     by = {(c["round"], c["concurrency"], c["mode"]): c["report"] for c in cells}
     rounds = sorted({c["round"] for c in cells})
     heads = {p["name"]: p for p in meta["server"]["profiles"]["data"]}
-    judge = heads[args.task]
+    judge = heads.get(args.task)
     m = meta["machine"]
     fixed = args.windows
 
@@ -227,9 +232,7 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         f"- **Server:** `autojudge-serve {' '.join(meta['server_args'])}` ({PAIR_DTYPES[args.pair]}, max_model_len "
         f"2048, {args.max_slots} KV slots, window cap 8), target `{meta['server']['version']['model']}`, draft "
         f"`{meta['server']['version']['draft']}`.",
-        f"- **Judge head** (`{args.task}` profile): sha256 `{judge['head_sha256']}`, layout {judge['layout']}, "
-        f"default τ = {judge['judge_threshold']:.3f}; the judge modes run at "
-        + ("that τ." if args.judge_threshold is None else f"τ = {args.judge_threshold:g} (`--judge-threshold`)."),
+        f"- **Judge head** (`{args.task}` profile): " + head_line(judge, args.judge_threshold),
         "",
         "## Workload",
         "",
@@ -320,9 +323,17 @@ def render(args: argparse.Namespace, meta: Json, cells: list[Json]) -> str:
         "Answer quality against τ (agreement with the target's own answers, accuracy) is measured offline by the "
         f"evaluation command on held-out problems: [{RESULTS[args.pair]}]({RESULTS[args.pair]}).",
         "",
-        f"Raw reports of every cell: [{args.out.name}.json]({args.out.name}.json).",
+        f"Raw reports of every cell: [{args.out.with_suffix('.json').name}]({args.out.with_suffix('.json').name}).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def head_line(judge: Json | None, threshold: float | None) -> str:
+    if judge is None:
+        return "none served; no judge mode measured."
+    at = "that τ." if threshold is None else f"τ = {threshold:g} (`--judge-threshold`)."
+    return (f"sha256 `{judge['head_sha256']}`, layout {judge['layout']}, default τ = {judge['judge_threshold']:.3f}; "
+            f"the judge modes run at {at}")  # fmt: skip
 
 
 def pooled_ttft(cells: list[Json], levels: list[int], names: list[str]) -> list[str]:

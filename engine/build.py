@@ -277,7 +277,7 @@ def engine_info(
         max_slots=c.cache.max_slots,
         max_waiting=c.scheduler.max_waiting,
         max_speculative_tokens=c.spec.max_speculative_tokens,
-        default_speculative_tokens=c.spec.default_speculative_tokens if draft_name else 0,
+        default_speculative_tokens=c.spec.default_speculative_tokens if draft_name is not None else 0,
         bonus_token=c.spec.bonus_token,
         profiles=profiles,
         auto_window=engine.autowindow is not None,

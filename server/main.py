@@ -79,7 +79,8 @@ def serve(settings: Settings) -> None:
     metrics: list[ServerMetrics] = []  # set once the models are loaded; the engine does not step before
     step_log = None
     if settings.step_log:
-        step_log = StepLog(Path(settings.step_log), max_bytes=int(settings.step_log_max_mb * (1 << 20)))
+        cap = settings.step_log_max_mb and max(1, int(settings.step_log_max_mb * (1 << 20)))  # 0: never rotated
+        step_log = StepLog(Path(settings.step_log), max_bytes=int(cap))
 
     def on_step(stats: StepStats) -> None:
         metrics[0].observe_step(stats)

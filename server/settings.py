@@ -106,8 +106,8 @@ class Settings:
             raise ValueError("request_timeout must be > 0, shutdown_timeout and drain_grace >= 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
-        if not self.step_log_max_mb >= 0:  # NaN included
-            raise ValueError("step_log_max_mb must be >= 0")
+        if not 0 <= self.step_log_max_mb < 1 << 20:  # NaN and inf included
+            raise ValueError("step_log_max_mb must be in [0, 2**20)")
         if self.spec_metrics not in SPEC_METRICS:
             raise ValueError(f"spec_metrics must be one of {', '.join(SPEC_METRICS)}")
         width = str(self.num_speculative_tokens)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -47,9 +49,11 @@ class StepLog:
     running with its step log holds at most about twice `max_bytes` on disk (0: never rotated)."""
 
     def __init__(self, path: Path, max_bytes: int = 0) -> None:
-        self._path, self._max = path, max_bytes
+        self._path = path
         self._file: IO[str] = path.open("a", buffering=1)
-        self._size = self._file.tell()
+        regular = stat.S_ISREG(os.fstat(self._file.fileno()).st_mode) and not path.is_symlink()
+        self._max = max_bytes if regular else 0  # a pipe, a terminal or a link is never renamed away
+        self._size = self._file.tell() if regular else 0
         self._lock = threading.Lock()  # the engine thread writes, the shutdown path closes
 
     def write(self, stats: StepStats) -> None:

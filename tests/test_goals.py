@@ -68,3 +68,10 @@ def test_goals_command(tmp_path, capsys):
     assert main(["goals", str(path), "--max-drop", "2", "--speedup", "1.3"]) == 0
     assert "Speed goal met" in capsys.readouterr().out
     assert main(["goals", str(path), "--min-agreement", "1.5"]) == 2  # a bad goal is a usage error, not a trace
+
+
+def test_a_point_the_curve_already_beats_does_not_make_a_baseline_look_above():
+    curve = [LOSSLESS, row("autojudge", "a", 1.35, 0.69, 1, 0.96), row("autojudge", "b", 1.6, 0.60, 10, 0.8)]
+    weak = row("autojudge", "weak", 1.30, 0.40, 30.0, 0.5)  # "a" is faster and more accurate
+    baseline = row("topk", "t", 1.38, 0.65, 5, 0.9)  # beats only the weak point
+    assert verdict(baseline, curve, 32) == verdict(baseline, [*curve, weak], 32) == "between AutoJudge points"

@@ -69,7 +69,8 @@ def traffic(server_url: str, model: str) -> None:
             body |= {"task_profile": profile, "judge_threshold": 0.9} if profile == "math" else {}
             assert http.post("/v1/chat/completions", json=body).status_code == 200
             # A fixed window drafts whatever the planner thinks of this machine, so the per-position series exist.
-            stream = body | {"stream": True, "stream_options": {"include_usage": True}, "num_speculative_tokens": 4}
+            fixed = {"num_speculative_tokens": 4, "speculative_window": "fixed"}
+            stream = body | {"stream": True, "stream_options": {"include_usage": True}} | fixed
             with http.stream("POST", "/v1/chat/completions", json=stream) as r:
                 assert r.status_code == 200
                 assert any(line == "data: [DONE]" for line in r.iter_lines())

@@ -58,7 +58,8 @@ def test_json_file_and_boolean_flags(tmp_path):
         ([], {"AUTOJUDGE_PORT": "eighty"}, "port must be int"),
         ([], {"AUTOJUDGE_BONUS_TOKEN": "maybe"}, "bonus_token must be a boolean"),
         (["--port", "0"], {}, "port must be in"),
-        (["--step-log-max-mb", "-1"], {}, "step_log_max_mb must be >= 0"),
+        (["--step-log-max-mb", "-1"], {}, r"step_log_max_mb must be in \[0, 2\*\*20\)"),
+        (["--step-log-max-mb", "inf"], {}, "step_log_max_mb must be in"),
         ([], {"AUTOJUDGE_API_KEY": ""}, None),
     ],
 )

@@ -4,6 +4,7 @@ ran (windows, emitted tokens, the cost model's prediction); a log closed by shut
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from test_autowindow_engine import DRAFTS_PAY, auto_engine
@@ -69,3 +70,19 @@ def test_step_log_setting(tmp_path):
     path = str(tmp_path / "s.jsonl")
     assert load_settings(["--step-log", path], {}).step_log == path
     assert load_settings([], {"AUTOJUDGE_STEP_LOG": path}).step_log == path
+
+
+def test_a_log_on_a_pipe_is_written_and_never_rotated(target, draft, tmp_path):
+    fifo = tmp_path / "steps.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader first, so opening for writing does not block
+    try:
+        log = StepLog(fifo, max_bytes=10)  # a cap below one line: a regular file would rotate at every step
+        engine = auto_engine(target, draft, DRAFTS_PAY, on_step=log.write)
+        run_all(engine, requests(prompts(1, seed=5)))
+        log.close()
+        lines = os.read(reader, 1 << 20).decode().splitlines()
+    finally:
+        os.close(reader)
+    assert lines and all(json.loads(line)["step_s"] > 0 for line in lines)
+    assert not fifo.with_name("steps.fifo.1").exists()

@@ -3,10 +3,10 @@ report makes come from one rule instead of a reading of the table:
 
 - the fastest AutoJudge point whose accuracy drop is at most `max_drop` points and whose outcome agreement with
   the target is at least `min_agreement`, as a ratio of lossless tokens per cycle at window W, against a goal ratio;
-- each baseline point against the AutoJudge points (lossless included, τ = 0) at equal speed: below AutoJudge
-  when some AutoJudge point is at least as fast and at least as accurate; above when it is itself that to some
-  AutoJudge point (and better in one of the two); else beyond AutoJudge's speed when it is faster than every
-  AutoJudge point, or between AutoJudge points (no point decides at its speed).
+- each baseline point against the AutoJudge curve (its points that no other beats in both speed and accuracy,
+  lossless included, τ = 0) at equal speed: below AutoJudge when some curve point is at least as fast and at
+  least as accurate; above when it is itself that to some curve point (and better in one of the two); else beyond
+  AutoJudge's speed when it is faster than every curve point, or between AutoJudge points.
 """
 
 from __future__ import annotations
@@ -52,8 +52,20 @@ def best_point(rows: Sequence[Row], goal: Goal) -> Row | None:
     return max(ok, key=lambda r: speed(r, goal.window), default=None)
 
 
+def frontier(judge: Sequence[Row], window: int) -> list[Row]:
+    """The AutoJudge points no other one beats in both speed and accuracy: a point that a faster and more accurate
+    threshold already beats (a noisy curve has some) is not where the curve lies."""
+
+    def beats(a: Row, b: Row) -> bool:
+        ge = speed(a, window) >= speed(b, window) and a["accuracy"] >= b["accuracy"]
+        return ge and (speed(a, window) > speed(b, window) or a["accuracy"] > b["accuracy"])
+
+    return [j for j in judge if not any(beats(k, j) for k in judge)]
+
+
 def verdict(baseline: Row, judge: Sequence[Row], window: int) -> Verdict:
     """Where one baseline point lies against the AutoJudge curve at equal or better speed (see the module)."""
+    judge = frontier(judge, window)
     x, acc = speed(baseline, window), baseline["accuracy"]
     if any(speed(j, window) >= x and j["accuracy"] >= acc for j in judge):
         return "below AutoJudge"
@@ -70,7 +82,7 @@ def statements(rows: Sequence[Row], goal: Goal) -> list[str]:
     if not any(r["method"] == "lossless" for r in judge):
         raise ValueError("the evaluation has no lossless row to compare with")
     best = best_point(rows, goal)
-    w, rule = goal.window, f"drop <= {goal.max_drop:g} points and agreement >= {goal.min_agreement:.0%}"
+    w, rule = goal.window, f"drop <= {goal.max_drop:g} points and agreement >= {goal.min_agreement:.1%}"
     if best is None:
         lines = [f"- **Speed goal not met**: no AutoJudge threshold keeps {rule}."]
     else:

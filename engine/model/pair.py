@@ -39,7 +39,7 @@ def draft_name(pair: str, target: str | None, draft: str) -> str | None:
         return draft
     if not target and pair == "qwen-coder":
         return QWEN_CODER_DRAFT.name
-    return Path(draft).name.removesuffix(".gguf")
+    return Path(draft).name.removesuffix(".gguf") or draft  # "." or "/" have no name of their own
 
 
 def load_pair(
