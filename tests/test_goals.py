@@ -55,7 +55,10 @@ def test_statements_say_met_or_not_with_the_point_and_count_the_baselines():
     assert met[0].startswith("- **Speed goal met**") and "`aj=0.2`: 1.40x" in met[0]
     assert statements(rows, Goal(2.0, 0.95, 1.5, 32))[0].startswith("- **Speed goal not met**")
     assert "no AutoJudge threshold keeps" in statements(rows, Goal(0.0, 0.99, 1.5, 32))[0]
-    assert met[-1] == "- Of 2 baseline points, 1 lie below AutoJudge at equal or better speed and 1 above it."
+    assert (
+        met[-2] == "- By accuracy, of 2 baseline points 1 lie below AutoJudge at equal or better speed and 1 above it."
+    )
+    assert met[-1].startswith("- By agreement, of 2 baseline points 2 lie below")  # 0.9 agreement against aj=0.2's
     with pytest.raises(ValueError, match="no tokens per cycle at W = 8"):
         statements(rows, Goal(2.0, 0.95, 1.3, 8))
     with pytest.raises(ValueError, match="no lossless row"):

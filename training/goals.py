@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 Row = dict[str, Any]
 JUDGE = ("autojudge", "lossless")  # the AutoJudge curve: its thresholds and τ = 0
+Quality = Literal["accuracy", "agreement"]
 Verdict = Literal["below AutoJudge", "above AutoJudge", "beyond AutoJudge's speed", "between AutoJudge points"]
 
 
@@ -52,24 +53,25 @@ def best_point(rows: Sequence[Row], goal: Goal) -> Row | None:
     return max(ok, key=lambda r: speed(r, goal.window), default=None)
 
 
-def frontier(judge: Sequence[Row], window: int) -> list[Row]:
-    """The AutoJudge points no other one beats in both speed and accuracy: a point that a faster and more accurate
+def frontier(judge: Sequence[Row], window: int, quality: Quality = "accuracy") -> list[Row]:
+    """The AutoJudge points no other one beats in both speed and `quality`: a point that a faster and better
     threshold already beats (a noisy curve has some) is not where the curve lies."""
 
     def beats(a: Row, b: Row) -> bool:
-        ge = speed(a, window) >= speed(b, window) and a["accuracy"] >= b["accuracy"]
-        return ge and (speed(a, window) > speed(b, window) or a["accuracy"] > b["accuracy"])
+        ge = speed(a, window) >= speed(b, window) and a[quality] >= b[quality]
+        return ge and (speed(a, window) > speed(b, window) or a[quality] > b[quality])
 
     return [j for j in judge if not any(beats(k, j) for k in judge)]
 
 
-def verdict(baseline: Row, judge: Sequence[Row], window: int) -> Verdict:
-    """Where one baseline point lies against the AutoJudge curve at equal or better speed (see the module)."""
-    judge = frontier(judge, window)
-    x, acc = speed(baseline, window), baseline["accuracy"]
-    if any(speed(j, window) >= x and j["accuracy"] >= acc for j in judge):
+def verdict(baseline: Row, judge: Sequence[Row], window: int, quality: Quality = "accuracy") -> Verdict:
+    """Where one baseline point lies against the AutoJudge curve at equal or better speed (see the module), by
+    ground-truth accuracy or by outcome agreement with the target (less noisy: it has no task difficulty in it)."""
+    judge = frontier(judge, window, quality)
+    x, acc = speed(baseline, window), baseline[quality]
+    if any(speed(j, window) >= x and j[quality] >= acc for j in judge):
         return "below AutoJudge"
-    if any(speed(j, window) <= x and j["accuracy"] <= acc for j in judge):
+    if any(speed(j, window) <= x and j[quality] <= acc for j in judge):
         return "above AutoJudge"  # not below, so better than that point in speed or accuracy
     if x > max(speed(j, window) for j in judge):
         return "beyond AutoJudge's speed"
@@ -102,11 +104,13 @@ def statements(rows: Sequence[Row], goal: Goal) -> list[str]:
     for b in sorted(baselines, key=lambda r: (r["method"], speed(r, w))):
         lines.append(
             f"- `{b['label']}` ({speed(b, w):.2f}x, accuracy {b['accuracy']:.3f}, drop {b['accuracy_drop_points']:.1f}"
-            f" points): {verdict(b, judge, w)}."
+            f" points, agreement {b['agreement']:.1%}): by accuracy {verdict(b, judge, w)}, by agreement "
+            f"{verdict(b, judge, w, 'agreement')}."
         )
-    counts = {v: sum(verdict(b, judge, w) == v for b in baselines) for v in ("below AutoJudge", "above AutoJudge")}
-    lines.append(
-        f"- Of {len(baselines)} baseline points, {counts['below AutoJudge']} lie below AutoJudge at equal or "
-        f"better speed and {counts['above AutoJudge']} above it."
-    )
+    for quality in ("accuracy", "agreement"):
+        placed = [verdict(b, judge, w, quality) for b in baselines]
+        lines.append(
+            f"- By {quality}, of {len(baselines)} baseline points {placed.count('below AutoJudge')} lie below "
+            f"AutoJudge at equal or better speed and {placed.count('above AutoJudge')} above it."
+        )
     return lines
