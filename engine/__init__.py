@@ -19,7 +19,7 @@ from engine.client import (
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from engine.engine import Engine
 from engine.model.assets import DEFAULT_CACHE_DIR
-from engine.model.pair import DTYPES, PAIRS
+from engine.model.pair import DTYPES, PAIRS, draft_name
 from engine.spec.judging import LOSSLESS
 from engine.types import (
     EngineLoad,
@@ -64,4 +64,5 @@ __all__ = [
     "SpecParams",
     "StepStats",
     "build_engine",
+    "draft_name",
 ]

@@ -15,8 +15,7 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp
 
-from engine import EngineClient, StepStats, build_engine
-from engine.model.pair import draft_name
+from engine import EngineClient, StepStats, build_engine, draft_name
 from server.app import create_app
 from server.loading import Deferred
 from server.metrics import ServerMetrics
