@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--windows: an evaluation replays W in {WINDOWS}, not {bad}")
     if not args.results.is_file():
         p.error(f"--results: no file {args.results}")
+    if missing := [n for n in ("target", "draft") if not (args.shapes / f"{n}.json").is_file()]:
+        p.error(f"--shapes: {args.shapes} lacks {', '.join(f'{n}.json' for n in missing)}")
     return args
 
 
@@ -123,7 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     configs = {n: ModelConfig.from_hf(json.loads((args.shapes / f"{n}.json").read_text())) for n in ("target", "draft")}
-    methods = json.loads(args.results.read_text())["rows"]
+    doc = json.loads(args.results.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise SystemExit(f"pair_speedup_estimate: {args.results} is not an evaluation's results.json (no rows)")
+    methods = doc["rows"]
     start = time.perf_counter()
     target = random_model(configs["target"], device, dtype, seed=0)
     draft = random_model(configs["draft"], device, dtype, seed=1)

@@ -76,10 +76,9 @@ def serve(settings: Settings) -> None:
     """Listen at once (503 while loading, see `Deferred`), load the models in a thread, then serve."""
     failure: list[BaseException] = []
     metrics: list[ServerMetrics] = []  # set once the models are loaded; the engine does not step before
-    step_log = None
-    if settings.step_log:
-        cap = settings.step_log_max_mb and max(1, int(settings.step_log_max_mb * (1 << 20)))  # 0: never rotated
-        step_log = StepLog(Path(settings.step_log), max_bytes=int(cap))
+    mb = settings.step_log_max_mb
+    cap = max(1, int(mb * (1 << 20))) if mb else 0  # a tiny cap still rotates; 0 never does
+    step_log = StepLog(Path(settings.step_log), max_bytes=cap) if settings.step_log else None
 
     def on_step(stats: StepStats) -> None:
         metrics[0].observe_step(stats)

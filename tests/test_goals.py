@@ -78,3 +78,13 @@ def test_a_point_the_curve_already_beats_does_not_make_a_baseline_look_above():
     weak = row("autojudge", "weak", 1.30, 0.40, 30.0, 0.5)  # "a" is faster and more accurate
     baseline = row("topk", "t", 1.38, 0.65, 5, 0.9)  # beats only the weak point
     assert verdict(baseline, curve, 32) == verdict(baseline, [*curve, weak], 32) == "between AutoJudge points"
+
+
+def test_goals_command_names_a_file_that_is_not_an_evaluation(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"meta": {}}))
+    assert main(["goals", str(path)]) == 2
+    assert "not an evaluation's results.json" in capsys.readouterr().err
+    path.write_text(json.dumps({"rows": [{"method": "lossless", "speedup_w32": 1.0}, {"method": "autojudge"}]}))
+    assert main(["goals", str(path)]) == 2
+    assert "a row lacks what an evaluation writes" in capsys.readouterr().err

@@ -66,3 +66,12 @@ def test_windows_an_evaluation_does_not_replay_are_refused(tmp_path):
     results.write_text("{}")
     with pytest.raises(SystemExit):
         est.parse_args(["--results", str(results), "--windows", "4"])
+
+
+def test_missing_shapes_and_a_file_that_is_not_an_evaluation_are_refused(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    with pytest.raises(SystemExit):
+        est.parse_args(["--results", str(results), "--shapes", str(tmp_path)])  # no target.json, draft.json
+    with pytest.raises(SystemExit, match=r"not an evaluation's results\.json"):
+        est.main(["--results", str(results)])

@@ -460,8 +460,14 @@ def goals(argv: Sequence[str]) -> int:
     p.add_argument("--window", type=int, default=32, help="the window W whose tokens per cycle count")
     args = p.parse_args(argv)
     goal = Goal(args.max_drop, args.min_agreement, args.speedup, args.window)
-    rows = json.loads(args.results.read_text())["rows"]
-    print("\n".join(statements(rows, goal)))
+    doc = json.loads(args.results.read_text())
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        raise ValueError(f"{args.results} is not an evaluation's results.json (no list of rows)")
+    try:
+        print("\n".join(statements(rows, goal)))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{args.results}: a row lacks what an evaluation writes ({e!r})") from e
     return 0
 
 
