@@ -71,3 +71,26 @@ def test_a_file_that_is_not_a_log_is_a_clear_error(target, draft, tmp_path: Path
     log.write_text(json.dumps({"meta": META}) + '\n{"tokens": [1]}\n')
     with pytest.raises(ValueError, match=":2 is not an evaluation checkpoint line"):
         decode_with_log(decoder(target, draft), jobs(), log, META)
+
+
+def test_a_baselines_only_log_is_adopted_by_the_first_run_with_a_head(target, draft, tmp_path: Path) -> None:
+    log = tmp_path / "traces.jsonl"
+    baselines = {**META, "head_sha256": None}
+    decode_with_log(decoder(target, draft), jobs()[:6], log, baselines)
+    headed = {**META, "head_sha256": "aa"}
+    traces, resumed = decode_with_log(decoder(target, draft), jobs(), log, headed)
+    assert resumed == 6 and as_tuples(traces) == as_tuples(decoder(target, draft).run(jobs()))
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[0]) == {"meta": headed} and len(lines) == 1 + len(jobs())
+    before = log.read_bytes()
+    for other in ({**META, "head_sha256": "bb"}, baselines):  # now it is that head's checkpoint
+        with pytest.raises(ValueError, match="another setup"):
+            decode_with_log(decoder(target, draft), jobs(), log, other)
+    assert log.read_bytes() == before
+
+
+def test_only_a_missing_head_is_adopted(target, draft, tmp_path: Path) -> None:
+    log = tmp_path / "traces.jsonl"
+    decode_with_log(decoder(target, draft), jobs()[:2], log, {**META, "head_sha256": None})
+    with pytest.raises(ValueError, match="another setup"):
+        decode_with_log(decoder(target, draft), jobs(), log, {**META, "head_sha256": "aa", "max_new_tokens": 64})

@@ -3,6 +3,9 @@
 The first line holds the sweep's setup (`meta`: model pair, head, data source, response budget); each further line
 one job's id, tokens and per-position decisions: everything the reports are computed from. A resumed run decodes
 only the jobs not yet in the file, and refuses a file written with another setup. A line torn by a kill is cut.
+One exception to "the same setup": a baselines-only checkpoint (no head) is adopted by the first run with a head,
+since none of its jobs depend on one; its setup line then names that head. So the baselines can run while the
+head's labels are still being mined.
 """
 
 from __future__ import annotations
@@ -22,14 +25,26 @@ def _flags(text: str) -> list[bool]:
     return [c == "1" for c in text]
 
 
-def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
-    """Jobs already in the log (job id -> its line) and the byte length of its complete lines."""
+HEAD = "head_sha256"
+
+
+def adoptable(have: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint written with setup `have` may be extended by a run with `meta`: a baselines-only one by a
+    run that differs only in having a head."""
+    return have.get(HEAD) is None and meta.get(HEAD) is not None and {**have, HEAD: meta[HEAD]} == meta
+
+
+def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int, bool]:
+    """Jobs already in the log (job id -> its line), the byte length of its complete lines, and whether its setup
+    line must be rewritten to `meta` (a baselines-only checkpoint adopted by a run with a head)."""
     records, good = read_complete(path, "an evaluation checkpoint line")
+    adopt = False
     if records:
         have = records[0].get("meta") if isinstance(records[0], dict) else None
         if not isinstance(have, dict):
             raise ValueError(f"{path} is not an evaluation checkpoint (its first line holds no setup)")
-        if have != meta:
+        adopt = adoptable(have, meta)
+        if have != meta and not adopt:
             diff = pair_difference(have, meta, names=("the checkpoint has", "this run has"))
             raise ValueError(
                 f"{path} was written by a sweep with another setup ({diff}); "
@@ -40,7 +55,21 @@ def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]
         if not (isinstance(record, dict) and {"job_id", "tokens", "ok", "mismatch"} <= record.keys()):
             raise ValueError(f"{path}:{n} is not an evaluation checkpoint line (no job_id, tokens, ok, mismatch)")
         done[record["job_id"]] = record
-    return done, good
+    return done, good, adopt
+
+
+def _rewrite_setup(path: Path, good: int, meta: dict[str, Any]) -> int:
+    """Replace the setup line of the log's complete part (atomically); returns the new byte length."""
+    with open(path, "rb") as f:
+        body = f.read(good).split(b"\n", 1)[1]
+    data = (json.dumps({"meta": meta}) + "\n").encode() + body
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(data)
 
 
 def decode_with_log(
@@ -52,7 +81,9 @@ def decode_with_log(
 ) -> tuple[list[Trace], int]:
     """Every job's trace (in job order), decoding only those not yet in the log at `path`; also returns how many
     came from the log. Each finished job is appended (and synced) as soon as it ends."""
-    done, good = read_log(path, meta)
+    done, good, adopt = read_log(path, meta)
+    if adopt:
+        good = _rewrite_setup(path, good, meta)
     todo = [job for job in jobs if job.job_id not in done]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "r+b" if path.exists() else "wb") as f:
