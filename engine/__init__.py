@@ -14,6 +14,7 @@ from engine.client import (
     Health,
     ProfileInfo,
     QueueFullError,
+    RequestFailedError,
     RequestStream,
 )
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
@@ -54,6 +55,7 @@ __all__ = [
     "ProfileSpec",
     "QueueFullError",
     "Request",
+    "RequestFailedError",
     "RequestOutput",
     "RequestStream",
     "RowCycleStats",

@@ -26,6 +26,10 @@ class EngineShutdownError(RuntimeError):
     """The engine is not accepting work (not started yet, or shutting down)."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed in the engine (its numerics); the engine goes on serving the others."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileInfo:
     """A task profile as loaded: its head (None for `lossless`), default threshold τ and default window W."""
@@ -229,6 +233,8 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue  # aborted meanwhile
+            if isinstance(item, RequestOutput) and item.error is not None:
+                item = RequestFailedError(item.error)
             stream.put(item, step_started)
             if isinstance(item, BaseException) or item.finished:
                 del self._streams[request_id]

@@ -28,6 +28,9 @@ from engine.stopping import Detokenize
 from engine.types import EngineLoad, Request, RequestOutput, RowCycleStats, SpecCounts, StepStats
 from judge.decide import judge_accepts
 
+# A row whose target logits overflow (fp16 is prone to it) ends alone with this error; the others decode on.
+NON_FINITE = "the target model's logits for this request were not finite (NaN or inf): the request was ended"
+
 
 class Engine:
     """Runs a target model and an optional draft model together; `draft=None` serves plain decoding only.
@@ -336,9 +339,14 @@ class Engine:
         tau_on = [s.request.spec.judge_threshold > 0 for s in seqs]
         judge_counts = judged_in.sum(dim=1).tolist()
         mismatch_seen = (~exact_ok).cumsum(dim=1).tolist() if exact_ok.shape[1] else None
+        finite = scores.finite.tolist()
         outputs, rows = [], []
         for b, seq in enumerate(seqs):
             n, w = num_accepted[b], widths[b]
+            if not all(finite[b][: w + 1]):  # this row only: the batch goes on, and nothing is sampled from NaN
+                self.scheduler.finish(seq, "error")
+                outputs.append(self._final(seq, [], None, NON_FINITE))
+                continue
             new_ids = proposal.token_ids[b][:n]
             extra = self._extra_token(seq, b, n, w, proposal, scores)
             if extra is not None:
@@ -388,7 +396,9 @@ class Engine:
             cycle=cycle,
         )
 
-    def _final(self, seq: Sequence, new_ids: list[int], cycle: SpecCounts | None) -> RequestOutput:
+    def _final(
+        self, seq: Sequence, new_ids: list[int], cycle: SpecCounts | None, error: str | None = None
+    ) -> RequestOutput:
         return RequestOutput(
             seq.request_id,
             new_ids,
@@ -401,6 +411,7 @@ class Engine:
             cycle=cycle,
             windows=tuple(seq.window_counts),
             num_cached_tokens=seq.num_cached_tokens,
+            error=error,
         )
 
     def _publish(self, batch_size: int) -> None:

@@ -115,7 +115,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.free_slots.append(seq.slot)
-            if self.reuse_prefix:
+            if self.reuse_prefix and reason != "error":  # a failed row's cache may hold what failed it
                 self.retained[seq.slot] = (seq.token_ids, seq.target_len, seq.draft_len)
         elif seq in self.waiting:
             self.waiting.remove(seq)

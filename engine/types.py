@@ -120,7 +120,7 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
@@ -128,6 +128,7 @@ class RequestOutput:
     cycle: SpecCounts | None = None  # this step's speculation cycle (num_spec_steps == 1); None if it drafted none
     windows: tuple[int, ...] = ()  # final output: steps run at each window W (index 0: plain decoding)
     num_cached_tokens: int = 0  # final output: prompt tokens reused from the slot (OpenAI's cached_tokens)
+    error: str | None = None  # why a request with finish_reason "error" failed
 
 
 @dataclass(frozen=True, slots=True)

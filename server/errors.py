@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from engine import EngineDeadError, EngineShutdownError, QueueFullError
+from engine import EngineDeadError, EngineShutdownError, QueueFullError, RequestFailedError
 
 log = logging.getLogger("autojudge.server")
 
@@ -53,6 +53,8 @@ def to_api_error(exc: BaseException) -> APIError:
             return APIError(429, str(exc), "rate_limit_error", None, "queue_full", headers)
         case EngineShutdownError() | EngineDeadError():
             return APIError(503, str(exc), "overloaded_error", None, "unavailable")
+        case RequestFailedError():
+            return APIError(500, str(exc), "internal_error", None, "request_failed")
         case TimeoutError():
             return APIError(504, "the request did not finish within the server's timeout", "timeout_error")
         case ValueError():

@@ -46,6 +46,8 @@ ERRORS: dict[int, str] = {
     404: "unknown model or route",
     413: "the request body is larger than the server's `--max-body-bytes`",
     429: "the waiting queue is full; retry after `Retry-After` seconds",
+    500: "this request failed in the engine (code `request_failed`: its logits were not finite), or an unexpected "
+    "error",
     503: "the server is starting, draining or its engine failed",
     504: "the request did not finish within the server's `--request-timeout`",
 }
@@ -201,7 +203,7 @@ def generation_responses(reply: type[BaseModel], chunk: type[BaseModel]) -> dict
         "each, an ErrorResponse event if the request fails after the first, then `data: [DONE]`",
         "content": {"text/event-stream": event_stream(chunk)},
     }
-    return {200: ok} | errors(400, 401, 404, 413, 429, 503, 504)
+    return {200: ok} | errors(400, 401, 404, 413, 429, 500, 503, 504)
 
 
 # --- information ----------------------------------------------------------------------------------------

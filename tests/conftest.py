@@ -50,6 +50,16 @@ def perturbed(model: Decoder, scale: float, seed: int) -> Decoder:
     return draft
 
 
+def overflowing(model: Decoder, token: int) -> Decoder:
+    """A copy whose input embedding of `token` is NaN (as an fp16 overflow leaves it), the output head untied and
+    finite: only a sequence holding `token` gets non-finite logits."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight = torch.nn.Parameter(broken.lm_head.weight.detach().clone())
+        broken.model.embed_tokens.weight[token] = float("nan")
+    return broken
+
+
 @pytest.fixture(scope="session")
 def target() -> Decoder:
     return tiny_decoder(0)

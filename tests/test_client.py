@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_autowindow_engine import DRAFTS_PAY
 
-from conftest import run_all
+from conftest import overflowing, run_all
 from engine import (
     AsyncEngine,
     CacheConfig,
@@ -22,6 +22,7 @@ from engine import (
     EngineShutdownError,
     QueueFullError,
     Request,
+    RequestFailedError,
     SamplingParams,
     SchedulerConfig,
     SpecConfig,
@@ -34,6 +35,7 @@ from engine.spec.cost import StepCost
 from engine.spec.judging import LOSSLESS, HeadJudge, MismatchJudge
 
 MAX_MODEL_LEN = 160
+NAN_TOKEN = 5  # `overflowing`: none of the prompts below but the failing one holds it
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -311,3 +313,22 @@ def test_a_request_posted_during_a_step_cuts_its_drafting_short(target, draft):
     # The step it cut ends before its verify: no row decoded in it, and the newcomer is admitted at the next step.
     assert stats[2].windows[0] > 0 and stats[3].cut_short and stats[3].windows == ()
     assert stats[3].num_generated_tokens == 0 and len(stats[4].windows) == 2
+
+
+def test_a_request_whose_numerics_fail_fails_alone_and_the_engine_stays_healthy(target, draft):
+    _, client = tiny_engine(overflowing(target, NAN_TOKEN), draft)
+    bad = Request("bad", (8, NAN_TOKEN, 9), SamplingParams(max_tokens=20))
+
+    async def scenario():
+        await client.start()
+        results = await asyncio.gather(
+            collect(client, bad), *(collect(client, r) for r in requests(2)), return_exceptions=True
+        )
+        healthy = client.health().healthy
+        after = await collect(client, requests(3)[2])
+        await client.shutdown(5)
+        return results, healthy, after
+
+    (failed, *good), healthy, after = asyncio.run(scenario())
+    assert isinstance(failed, RequestFailedError) and "not finite" in str(failed)
+    assert healthy and all(reason == "length" and len(ids) == 20 for ids, reason in [*good, after])

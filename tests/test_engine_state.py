@@ -7,11 +7,13 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, make_engine, perturbed, run_all
+from conftest import VOCAB, make_engine, overflowing, perturbed, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.model.protocol import ForwardBatch
 from engine.scheduler import QueueFullError
 from engine.types import StepStats
+
+NAN_TOKEN = 5  # see `overflowing`: the prompts below and the clean rows' outputs never hold it
 
 
 def fresh_next_logits(model, ids):
@@ -259,3 +261,33 @@ def test_without_prefix_reuse_every_prompt_is_computed_again(target, draft):
     again, _ = run_all(engine, [Request("b", prompt, params)])
     assert prefills[0] == len(prompt) - 1  # the slot kept nothing for the same prompt
     assert again["b"] == first["a"]
+
+
+def test_a_row_with_non_finite_logits_fails_alone_and_the_batch_goes_on(target, draft):
+    good = [
+        Request("g", (1, 2, 3), SamplingParams(max_tokens=20)),
+        Request("s", (4, 6, 7), SamplingParams(max_tokens=20, temperature=1.0, seed=3)),
+    ]
+    bad = Request("bad", (8, NAN_TOKEN, 9), SamplingParams(max_tokens=20, temperature=1.0, seed=4))
+    want, _ = run_all(make_engine(target, draft, slots=4), good)
+    assert all(NAN_TOKEN not in ids for ids in want.values())
+    engine = make_engine(overflowing(target, NAN_TOKEN), draft, slots=4)
+    tokens, finals = run_all(engine, [good[0], bad, good[1]])
+    assert finals["bad"].finish_reason == "error" and "not finite" in finals["bad"].error
+    assert tokens["bad"] == [] and tokens["g"] == want["g"] and tokens["s"] == want["s"]
+    assert all(finals[r].error is None for r in ("g", "s"))
+    assert engine.num_free_slots == 4
+    assert all(NAN_TOKEN not in ids for ids, _, _ in engine.scheduler.retained.values())  # its cache is not reused
+
+
+def test_overflowed_draft_logits_fall_back_to_its_argmax_and_stay_lossless(target, draft):
+    prompts = [(8, NAN_TOKEN, 9), (NAN_TOKEN, 1)]
+    plain = [
+        Request(f"p{i}", p, SamplingParams(max_tokens=20), SpecParams(enabled=False)) for i, p in enumerate(prompts)
+    ]
+    want, _ = run_all(make_engine(target, None), plain)
+    spec = [Request(f"p{i}", p, SamplingParams(max_tokens=20)) for i, p in enumerate(prompts)]
+    spec.append(Request("s", prompts[0], SamplingParams(max_tokens=20, temperature=1.0, seed=5)))
+    tokens, finals = run_all(make_engine(target, overflowing(draft, NAN_TOKEN)), spec)
+    assert all(f.error is None for f in finals.values()) and len(tokens["s"]) == 20
+    assert {k: tokens[k] for k in want} == want  # greedy speculation still gives the target's own tokens

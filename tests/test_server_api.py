@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import run_all
+from conftest import overflowing, run_all
 from engine import AsyncEngine, Engine, Request, SamplingParams, SpecParams
 from engine.spec.judging import HeadJudge
 from judge.head import JudgeHead
@@ -593,6 +593,30 @@ def test_engine_fault_fails_requests_cleanly_and_the_server_stays_up(target, dra
     assert health.status_code == 503 and metrics.status_code == 200
     labels = {"model_name": MODEL, "task_profile": "lossless"}
     assert sample(metrics.text, "autojudge_request_success_total", finished_reason="error", **labels) == 1
+
+
+def test_a_request_whose_numerics_fail_is_a_500_for_it_alone(target, draft):
+    nan_token = 5  # "$": `overflowing` makes its embedding NaN; PROMPT does not hold it
+    broken = {"prompt": [8, nan_token, 9], "max_tokens": 20}
+
+    async def scenario():
+        async with served(overflowing(target, nan_token), draft) as (http, _):
+            plain, streamed, fine = await asyncio.gather(
+                http.post("/v1/completions", json=broken),
+                http.post("/v1/completions", json={**broken, "stream": True}),
+                http.post("/v1/completions", json=OK),
+            )
+            return plain, streamed, fine, await http.get("/health"), await http.get("/metrics")
+
+    plain, streamed, fine, health, metrics = run(scenario)
+    assert plain.status_code == 500 and plain.json()["error"]["code"] == "request_failed"
+    assert "not finite" in plain.json()["error"]["message"]
+    events = sse_events(streamed.text)
+    assert streamed.status_code == 200 and events[-1] == "[DONE]" and events[-2]["error"]["code"] == "request_failed"
+    assert fine.status_code == 200 and health.status_code == 200
+    labels = {"model_name": MODEL, "task_profile": "lossless"}
+    assert sample(metrics.text, "autojudge_request_success_total", finished_reason="error", **labels) == 2
+    assert sample(metrics.text, "autojudge_request_success_total", finished_reason="length", **labels) == 1
 
 
 def test_request_timeout_aborts_and_frees_the_slot(target, draft):

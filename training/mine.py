@@ -125,6 +125,8 @@ class Miner:
         """One engine step; the searches whose rollout finished, with their outcome applied."""
         done = []
         for out in self.engine.step():
+            if out.error is not None:  # a label from a broken rollout would be noise
+                raise RuntimeError(f"rollout {out.request_id} failed: {out.error}")
             s = active[out.request_id.rsplit("#", 1)[0]]
             s.generated.extend(out.new_token_ids)
             if not out.finished:

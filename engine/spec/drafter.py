@@ -141,5 +141,10 @@ class Drafter:
                 continue
             assert probs is not None
             dist = probs_for_params(logits[p : p + 1], [seq.request.sampling])[0]  # [V]
+            if not bool(dist.isfinite().all()):
+                # Overflowed draft logits: propose the argmax as a point mass, still a valid draft distribution
+                # for the ratio test, so the output stays distributed as the target's.
+                dist = torch.zeros_like(dist)
+                dist[greedy_ids[p]] = 1.0
             probs[rows[a], step] = dist
             drafted[rows[a]].append(sample(dist, seq.generator))

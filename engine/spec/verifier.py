@@ -16,6 +16,7 @@ class TargetScores:
 
     logits: torch.Tensor  # [B, W+1, V] fp32
     argmax: torch.Tensor  # [B, W+1]
+    finite: torch.Tensor  # [B, W+1] bool: the slot's logits hold no NaN and not all are -inf (nor any +inf)
     hidden: torch.Tensor  # [B, W+1, Dt]; hidden[:, i] is the DT feature of slot i (input d_i), i >= 1
 
 
@@ -29,4 +30,5 @@ class Verifier:
         feeds = [[s.token_ids[-1], *d] for s, d in zip(seqs, drafted, strict=True)]
         hidden = self.runner.forward(feeds, [s.target_len for s in seqs], [s.slot for s in seqs])
         logits = self.runner.logits(hidden)
-        return TargetScores(logits=logits, argmax=logits.argmax(-1), hidden=hidden)
+        top = logits.max(-1)  # max propagates NaN: one pass gives the argmax and the numerics check
+        return TargetScores(logits=logits, argmax=top.indices, finite=top.values.isfinite(), hidden=hidden)
