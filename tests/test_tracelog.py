@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from training.replay import Job, LockstepDecoder, Method, Trace
-from training.tracelog import decode_with_log
+from training.tracelog import decode_with_log, write_baselines
 
 PROMPTS = [(3, 14, 15, 92, 65), (2, 7, 18), (27, 18, 28, 18, 28, 45, 90, 45)]
 METHODS = [Method("lossless"), Method("draft"), Method("topk", 3), Method("random", 0.5)]
@@ -94,3 +95,30 @@ def test_only_a_missing_head_is_adopted(target, draft, tmp_path: Path) -> None:
     decode_with_log(decoder(target, draft), jobs()[:2], log, {**META, "head_sha256": None})
     with pytest.raises(ValueError, match="another setup"):
         decode_with_log(decoder(target, draft), jobs(), log, {**META, "head_sha256": "aa", "max_new_tokens": 64})
+
+
+def test_the_baselines_of_fold_checkpoints_are_adopted_by_another_heads_run(target, draft, tmp_path: Path) -> None:
+    folds = [tmp_path / "f0" / "traces.jsonl", tmp_path / "f1.jsonl.gz"]
+    decode_with_log(decoder(target, draft), jobs()[:6], folds[0], {**META, "head_sha256": "aa"})
+    decode_with_log(decoder(target, draft), jobs()[6:], tmp_path / "f1.jsonl", {**META, "head_sha256": "bb"})
+    with open(tmp_path / "f1.jsonl", "a") as f:  # a head's own job is not a baseline
+        f.write(json.dumps({"job_id": "autojudge=0.5|0", "tokens": [1], "ok": "1", "mismatch": "0"}) + "\n")
+    folds[1].write_bytes(gzip.compress((tmp_path / "f1.jsonl").read_bytes()))
+    out = tmp_path / "other-head" / "traces.jsonl"
+    assert write_baselines(folds, out) == len(jobs())
+    assert json.loads(out.read_text().splitlines()[0]) == {"meta": {**META, "head_sha256": None}}
+    traces, resumed = decode_with_log(decoder(target, draft), jobs(), out, {**META, "head_sha256": "cc"})
+    assert resumed == len(jobs()) and as_tuples(traces) == as_tuples(decoder(target, draft).run(jobs()))
+    with pytest.raises(ValueError, match="only written as a new file"):
+        write_baselines(folds, out)
+
+
+def test_baselines_refuse_checkpoints_of_other_setups(target, draft, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    decode_with_log(decoder(target, draft), jobs()[:2], a, {**META, "head_sha256": "aa"})
+    decode_with_log(decoder(target, draft), jobs()[2:4], b, {**META, "max_new_tokens": 64, "head_sha256": "bb"})
+    with pytest.raises(ValueError, match="differ in more than their head"):
+        write_baselines([a, b], tmp_path / "out.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such evaluation checkpoint"):
+        write_baselines([tmp_path / "missing.jsonl"], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -42,7 +42,7 @@ from training.labelpack import read_packed, unpack_all, write_packed
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
 from training.tasks import is_correct, outcome
-from training.tracelog import decode_with_log
+from training.tracelog import TRACES, decode_with_log, write_baselines
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
@@ -374,7 +374,7 @@ def evaluate(argv: Sequence[str]) -> int:
             for m in ms
         ]
         with tqdm(total=len(jobs), unit="run", desc=f"{len(ms)} methods x {len(prompts)} problems") as bar:
-            traces, n_logged = decode_with_log(decoder, jobs, args.out / "traces.jsonl", log_meta, bar.update)
+            traces, n_logged = decode_with_log(decoder, jobs, args.out / TRACES, log_meta, bar.update)
         resumed += n_logged
         return score_traces(traces, by_id, windows, text_outcome, is_correct)
 
@@ -408,7 +408,7 @@ def evaluate(argv: Sequence[str]) -> int:
     print(
         f"{len(problems)} problems, {len(rows)} method points in {meta['seconds']} s -> {args.out}; "
         f"{decoder.row_steps} rows decoded for {job_tokens} tokens of all methods (shared prefixes)"
-        + (f"; {resumed} runs read from {args.out / 'traces.jsonl'}" if resumed else ""),
+        + (f"; {resumed} runs read from {args.out / TRACES}" if resumed else ""),
         file=sys.stderr,
     )
     return 0
@@ -471,6 +471,22 @@ def goals(argv: Sequence[str]) -> int:
     return 0
 
 
+def baselines(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="autojudge-train baselines",
+        description="Gather the head-free jobs (lossless, draft, top-K, probability, KL, random) of evaluation "
+        "checkpoints that differ only in their head, the folds of a cross-fitting run say, into one baselines-only "
+        "checkpoint. An `evaluate` of any head into that folder adopts it and decodes only the AutoJudge jobs.",
+    )
+    p.add_argument("checkpoints", nargs="+", type=Path, help="traces.jsonl or traces.jsonl.gz files, or run folders")
+    p.add_argument("--out", type=Path, required=True, help="run folder to start (its traces.jsonl must not exist)")
+    args = p.parse_args(argv)
+    paths = [c / TRACES if c.is_dir() else c for c in args.checkpoints]
+    n = write_baselines(paths, args.out / TRACES)
+    print(f"{n} head-free jobs of {len(paths)} checkpoints -> {args.out / TRACES}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "mine": mine,
     "labels": labels,
@@ -480,6 +496,7 @@ COMMANDS = {
     "fit": fit,
     "evaluate": evaluate,
     "pool": pool_runs,
+    "baselines": baselines,
     "goals": goals,
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,13 @@ from typing import Any
 def read_complete(path: Path, what: str) -> tuple[list[Any], int]:
     """The values of `path`'s complete lines and their byte length (where an append resumes).
 
-    A line that is not JSON names the file, the line and `what` it should have been (a ValueError).
+    A line that is not JSON names the file, the line and `what` it should have been (a ValueError). A `.gz` file
+    is read through gzip (its length is then the uncompressed one).
     """
     if not path.exists():
         return [], 0
     values, good = [], 0
-    with open(path, "rb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break  # the run was killed mid-write

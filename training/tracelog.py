@@ -25,6 +25,7 @@ def _flags(text: str) -> list[bool]:
     return [c == "1" for c in text]
 
 
+TRACES = "traces.jsonl"  # a run folder's checkpoint
 HEAD = "head_sha256"
 
 
@@ -34,28 +35,79 @@ def adoptable(have: dict[str, Any], meta: dict[str, Any]) -> bool:
     return have.get(HEAD) is None and meta.get(HEAD) is not None and {**have, HEAD: meta[HEAD]} == meta
 
 
-def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int, bool]:
-    """Jobs already in the log (job id -> its line), the byte length of its complete lines, and whether its setup
-    line must be rewritten to `meta` (a baselines-only checkpoint adopted by a run with a head)."""
+def parse_log(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]], int]:
+    """A checkpoint's setup (None for an empty or missing file), its jobs (job id -> line) and the byte length of
+    its complete lines."""
     records, good = read_complete(path, "an evaluation checkpoint line")
-    adopt = False
-    if records:
-        have = records[0].get("meta") if isinstance(records[0], dict) else None
-        if not isinstance(have, dict):
-            raise ValueError(f"{path} is not an evaluation checkpoint (its first line holds no setup)")
-        adopt = adoptable(have, meta)
-        if have != meta and not adopt:
-            diff = pair_difference(have, meta, names=("the checkpoint has", "this run has"))
-            raise ValueError(
-                f"{path} was written by a sweep with another setup ({diff}); "
-                "choose another --out or rerun with the same models, head and settings"
-            )
+    if not records:
+        return None, {}, good
+    have = records[0].get("meta") if isinstance(records[0], dict) else None
+    if not isinstance(have, dict):
+        raise ValueError(f"{path} is not an evaluation checkpoint (its first line holds no setup)")
     done: dict[str, dict[str, Any]] = {}
     for n, record in enumerate(records[1:], 2):
         if not (isinstance(record, dict) and {"job_id", "tokens", "ok", "mismatch"} <= record.keys()):
             raise ValueError(f"{path}:{n} is not an evaluation checkpoint line (no job_id, tokens, ok, mismatch)")
         done[record["job_id"]] = record
+    return have, done, good
+
+
+def read_log(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int, bool]:
+    """Jobs already in the log (job id -> its line), the byte length of its complete lines, and whether its setup
+    line must be rewritten to `meta` (a baselines-only checkpoint adopted by a run with a head)."""
+    have, done, good = parse_log(path)
+    adopt = have is not None and adoptable(have, meta)
+    if have is not None and have != meta and not adopt:
+        diff = pair_difference(have, meta, names=("the checkpoint has", "this run has"))
+        raise ValueError(
+            f"{path} was written by a sweep with another setup ({diff}); "
+            "choose another --out or rerun with the same models, head and settings"
+        )
     return done, good, adopt
+
+
+def head_free(job_id: str) -> bool:
+    """Whether a job's trace is the same under any head: every rule but AutoJudge's (`Method.label` + "|" + id)."""
+    return not job_id.startswith("autojudge=")
+
+
+def baselines_of(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The head-free jobs of checkpoints that differ at most in their head (the folds of a cross-fitting run, say),
+    as the setup and lines of one baselines-only checkpoint, which a run with any head then adopts."""
+    if not paths:
+        raise ValueError("no checkpoint given")
+    meta: dict[str, Any] | None = None
+    lines: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such evaluation checkpoint")
+        have, done, _ = parse_log(path)
+        if have is None:
+            raise ValueError(f"{path} is empty, not an evaluation checkpoint")
+        have = {**have, HEAD: None}
+        if meta is None:
+            meta = have
+        elif have != meta:
+            diff = pair_difference(meta, have, names=(f"{paths[0]} has", f"{path} has"))
+            raise ValueError(f"the checkpoints differ in more than their head ({diff})")
+        for job, record in done.items():
+            if head_free(job) and lines.setdefault(job, record) != record:
+                raise ValueError(f"{path}: job {job} differs from the same job in an earlier checkpoint")
+    assert meta is not None
+    return meta, list(lines.values())
+
+
+def write_baselines(paths: list[Path], out: Path) -> int:
+    """`baselines_of(paths)` as the checkpoint `out` (never over an existing one); returns the jobs written."""
+    meta, lines = baselines_of(paths)
+    if out.exists():
+        raise ValueError(f"{out} exists; a baselines checkpoint is only written as a new file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(x) + "\n" for x in [{"meta": meta}, *lines])
+    os.replace(tmp, out)
+    return len(lines)
 
 
 def _rewrite_setup(path: Path, good: int, meta: dict[str, Any]) -> int:
