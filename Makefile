@@ -138,11 +138,13 @@ EVAL_STORE ?= training/evals/$(PAIR)
 eval-save:  ## gzip RUN/eval/EVAL_NAME/traces.jsonl into EVAL_STORE/EVAL_NAME.traces.jsonl.gz
 	test -s $(RUN)/eval/$(EVAL_NAME)/traces.jsonl
 	mkdir -p $(EVAL_STORE)
-	gzip -9nc $(RUN)/eval/$(EVAL_NAME)/traces.jsonl > $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz
+	gzip -9nc $(RUN)/eval/$(EVAL_NAME)/traces.jsonl > $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz.tmp
+	mv $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz.tmp $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz
 
 eval-restore:  ## the reverse of eval-save (never overwrites what RUN holds)
 	test -f $(RUN)/eval/$(EVAL_NAME)/traces.jsonl || { mkdir -p $(RUN)/eval/$(EVAL_NAME) && \
-	  gunzip -c $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz > $(RUN)/eval/$(EVAL_NAME)/traces.jsonl; }
+	  gunzip -c $(EVAL_STORE)/$(EVAL_NAME).traces.jsonl.gz > $(RUN)/eval/$(EVAL_NAME)/traces.jsonl.tmp && \
+	  mv $(RUN)/eval/$(EVAL_NAME)/traces.jsonl.tmp $(RUN)/eval/$(EVAL_NAME)/traces.jsonl; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

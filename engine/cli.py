@@ -170,7 +170,10 @@ def generate(argv: Sequence[str] | None = None) -> int:
                 finals[out.request_id] = out
     elapsed = time.perf_counter() - t0
     report(args, tokenizer, prompts, tokens, finals, totals, elapsed)
-    return 0
+    failed = [f"{rid}: {out.error}" for rid, out in finals.items() if out.error is not None]
+    for line in failed:
+        print(f"autojudge: error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def completion_text(tokenizer: Any, ids: list[int], stop: int | str | None) -> str:
@@ -203,6 +206,7 @@ def report(
                         "id": rid,
                         "text": text,
                         "finish_reason": out.finish_reason,
+                        "error": out.error,
                         "output_tokens": out.num_output_tokens,
                         "spec": asdict(out.spec) if out.spec else None,
                     }

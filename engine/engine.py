@@ -140,7 +140,7 @@ class Engine:
             return []
         # A cycle emits at most W (+1 bonus) tokens: never draft past max_tokens.
         bonus = int(self.config.spec.bonus_token)
-        widths = [min(s.num_speculative, s.remaining_tokens - bonus) for s in seqs]
+        widths = [min(0 if s.draft_failed else s.num_speculative, s.remaining_tokens - bonus) for s in seqs]
         # Before the drafter reads the lagging caches.
         catch_ups = [self.drafter.catch_up(s) if self.drafter else 0 for s in seqs]
         plan, planned = None, []
@@ -183,6 +183,7 @@ class Engine:
         for s, w in zip(seqs, widths, strict=True):
             s.window_counts[w] += 1
         scores = self.verifier.verify(seqs, proposal.token_ids)
+        self._drop_overflowed_drafts(seqs, widths, proposal, scores)
         if self.autowindow is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the planner times the verify as the profile did: finished
         t3 = self.clock()
@@ -197,7 +198,8 @@ class Engine:
         self._publish(len(seqs) if self.has_unfinished() else 0)
         if plan is not None:
             assert self.autowindow is not None
-            self.autowindow.observe(planned, plan, accepted, t5 - t_plan, emitted, t3 - t2)
+            seen = [None if o.error else n for o, n in zip(outputs, accepted, strict=True)]  # failed: no evidence
+            self.autowindow.observe(planned, plan, seen, t5 - t_plan, emitted, t3 - t2)
         t6 = self.clock()
         if self.on_step is not None:
             self.on_step(
@@ -286,6 +288,27 @@ class Engine:
                 s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
         return computed
 
+    @torch.inference_mode()  # writes into the verify's (inference) tensors
+    def _drop_overflowed_drafts(
+        self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores
+    ) -> None:
+        """A NaN in a row's K/V makes its whole attention NaN (a masked NaN still propagates), so one draft token
+        that overflows the target would fail the row. Such rows verify again without drafts, which then count as
+        rejected (`widths` and `proposal` lose them, `scores` takes the new slot 0); still not finite, the
+        context itself overflowed and `_commit` fails the row."""
+        bad = [b for b, w in enumerate(widths) if w > 0 and not bool(scores.finite[b, : w + 1].all())]
+        if not bad:
+            return
+        rows = [seqs[b] for b in bad]
+        for s in rows:
+            self.target.cache.clear(s.slot, s.target_len)  # the drafts' K/V
+        again = self.verifier.verify(rows, [[] for _ in rows])
+        for i, b in enumerate(bad):
+            widths[b] = 0
+            proposal.token_ids[b].clear()
+            scores.logits[b, 0], scores.argmax[b, 0] = again.logits[i, 0], again.argmax[i, 0]
+            scores.hidden[b, 0], scores.finite[b, 0] = again.hidden[i, 0], again.finite[i, 0]
+
     def _decide(
         self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores
     ) -> tuple[torch.Tensor, torch.Tensor]:  # exact_ok [B, W], judge_ok [B, W]
@@ -343,15 +366,21 @@ class Engine:
         outputs, rows = [], []
         for b, seq in enumerate(seqs):
             n, w = num_accepted[b], widths[b]
-            if not all(finite[b][: w + 1]):  # this row only: the batch goes on, and nothing is sampled from NaN
+            used = n + int(self._gives_extra(n, w))  # window slots whose logits this cycle reads
+            if not all(finite[b][:used]):  # this row only: the batch goes on, and nothing is sampled from NaN
+                self._clear(seq)
                 self.scheduler.finish(seq, "error")
                 outputs.append(self._final(seq, [], None, NON_FINITE))
                 continue
+            fed = proposal.fed_end[b]
+            if seq.draft_failed and w > 0 and self.draft is not None:  # the cycle its draft overflowed
+                self.draft.cache.clear(seq.slot)
+                fed = 0
             new_ids = proposal.token_ids[b][:n]
             extra = self._extra_token(seq, b, n, w, proposal, scores)
             if extra is not None:
                 new_ids = [*new_ids, extra]
-            kept = self.scheduler.commit(seq, new_ids, n, proposal.fed_end[b])
+            kept = self.scheduler.commit(seq, new_ids, n, fed)
             cycle = None
             if w:
                 judged = mismatch_seen[b][min(n, w - 1)] if (tau_on[b] and mismatch_seen) else 0
@@ -370,11 +399,21 @@ class Engine:
             outputs.append(self._final(seq, kept, cycle) if seq.finish_reason else self._partial(seq, kept, cycle))
         return outputs, rows
 
+    def _gives_extra(self, n: int, w: int) -> bool:
+        """Whether a cycle that accepted `n` of `w` drafts emits a target token: recovered, or the bonus."""
+        return not (n == w and w > 0 and not self.config.spec.bonus_token)
+
+    def _clear(self, seq: Sequence) -> None:
+        """Zero the row's slot in both caches: what overflowed must not reach the slot's next row."""
+        self.target.cache.clear(seq.slot)
+        if self.draft is not None:
+            self.draft.cache.clear(seq.slot)
+
     def _extra_token(
         self, seq: Sequence, b: int, n: int, w: int, proposal: DraftProposal, scores: TargetScores
     ) -> int | None:
         """The recovered token at the first rejected slot, or the bonus after a full window (None if off)."""
-        if n == w and w > 0 and not self.config.spec.bonus_token:
+        if not self._gives_extra(n, w):
             return None
         params = seq.request.sampling
         if params.greedy:

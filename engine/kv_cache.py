@@ -35,6 +35,13 @@ class SlotKVCache:
             k[dst, :length] = k[src, :length]
             v[dst, :length] = v[src, :length]
 
+    def clear(self, slot: int, start: int = 0) -> None:
+        """Zero `slot` from position `start` on. Attention reads masked positions up to the batch's longest row,
+        and a masked NaN still makes its output NaN, so K/V that overflowed must not outlive their row."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[slot, start:] = 0
+            v[slot, start:] = 0
+
     def same_shape(self, other: SlotKVCache) -> bool:
         """Whether `other` has this cache's layers, slots, positions, per-position K/V shape, dtype and device."""
         mine, theirs = self.k[0], other.k[0]

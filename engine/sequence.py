@@ -29,6 +29,7 @@ class Sequence:
         self.target_len = 0
         self.draft_len = 0
         self.num_cached_tokens = 0  # prompt positions its slot still held from an earlier request
+        self.draft_failed = False  # its draft logits overflowed once: it decodes without drafts from then on
         self.status = Status.WAITING
         self.counts = SpecCounts()
         self.window_counts = [0] * (num_speculative + 1)  # steps run at each window W (0: plain decoding)

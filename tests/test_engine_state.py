@@ -288,6 +288,39 @@ def test_overflowed_draft_logits_fall_back_to_its_argmax_and_stay_lossless(targe
     want, _ = run_all(make_engine(target, None), plain)
     spec = [Request(f"p{i}", p, SamplingParams(max_tokens=20)) for i, p in enumerate(prompts)]
     spec.append(Request("s", prompts[0], SamplingParams(max_tokens=20, temperature=1.0, seed=5)))
-    tokens, finals = run_all(make_engine(target, overflowing(draft, NAN_TOKEN)), spec)
+    engine = make_engine(target, overflowing(draft, NAN_TOKEN))
+    tokens, finals = run_all(engine, spec)
     assert all(f.error is None for f in finals.values()) and len(tokens["s"]) == 20
+    assert all(bool(kv.isfinite().all()) for kv in (*engine.draft.cache.k, *engine.draft.cache.v))  # cleared
     assert {k: tokens[k] for k in want} == want  # greedy speculation still gives the target's own tokens
+
+
+def test_a_failed_rows_slot_is_clean_for_the_next_request(target, draft):
+    """Attention reads masked positions too, and a masked NaN still poisons: the failed row's K/V must go."""
+    long = Request("long", (1, 2, 3, 4, 6, 7, 8, 9), SamplingParams(max_tokens=60))
+    bad = Request("bad", (8, NAN_TOKEN, 9, 10, 11, 12, 13), SamplingParams(max_tokens=20))
+    late = Request("late", (2, 3), SamplingParams(max_tokens=20))  # admitted into the slot `bad` freed
+    want, _ = run_all(make_engine(target, draft, slots=2), [long], join_at={3: [late]})
+    tokens, finals = run_all(make_engine(overflowing(target, NAN_TOKEN), draft, slots=2), [long, bad], {3: [late]})
+    assert finals["bad"].finish_reason == "error"
+    assert finals["late"].error is None and tokens["late"] == want["late"] and tokens["long"] == want["long"]
+
+
+def test_a_draft_token_that_overflows_the_target_is_rejected_not_fatal(target, draft, monkeypatch):
+    request = Request("g", (1, 2, 3), SamplingParams(max_tokens=30))
+    want, _ = run_all(make_engine(target, None), [request])
+    engine = make_engine(target, draft)
+    drafted: set[int] = set()
+    propose = engine.drafter.propose
+
+    def spy(*args, **kwargs):
+        proposal = propose(*args, **kwargs)
+        drafted.update(t for row in proposal.token_ids for t in row)
+        return proposal
+
+    monkeypatch.setattr(engine.drafter, "propose", spy)
+    run_all(engine, [request])
+    only_drafted = sorted(drafted - set(want["g"]) - set(request.prompt_token_ids))
+    assert only_drafted  # the draft proposes tokens the target never emits
+    tokens, finals = run_all(make_engine(overflowing(target, only_drafted[0]), draft), [request])
+    assert finals["g"].error is None and tokens["g"] == want["g"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_decoder
+from conftest import overflowing, tiny_decoder
 from engine.model.decoder import Decoder
 from engine.model.protocol import ForwardBatch
 from training.data import Problem
@@ -137,3 +138,21 @@ def test_a_file_that_is_not_a_label_file_is_a_clear_error(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"labels.jsonl:1 is not a label record \(it needs .*mismatches"):
         read_done(path)
     assert read_done(tmp_path / "absent.jsonl") == ([], 0)
+
+
+def test_a_rollout_whose_numerics_fail_gives_no_label_and_mining_goes_on() -> None:
+    target, draft = tiny_decoder(0), tiny_decoder(7, layers=1)
+    problems = _problems(10)
+    clean: dict[str, dict] = {}
+    _miner(target, draft, concurrency=4).run(problems, lambda r: clean.__setitem__(r["prompt_id"], r))
+    swaps = Counter(m[3] for r in clean.values() for m in r["mismatches"] if m[3] != EOS)
+    nan_token = swaps.most_common(1)[0][0]  # a draft token whose swap rollouts now overflow
+    problems.append((Problem("poisoned", "math", "", ""), [7, nan_token, 8]))
+    got: dict[str, dict] = {}
+    _miner(overflowing(target, nan_token), draft, concurrency=4).run(
+        problems, lambda r: got.__setitem__(r["prompt_id"], r)
+    )
+    assert set(got) == {p.prompt_id for p, _ in problems}
+    assert got["poisoned"]["mismatches"] == [] and got["poisoned"]["target_outcome"] is None
+    labelled = [m for r in got.values() for m in r["mismatches"]]
+    assert labelled and all(m[3] != nan_token for m in labelled)

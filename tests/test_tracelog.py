@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from training.cli import main
 from training.replay import Job, LockstepDecoder, Method, Trace
 from training.tracelog import decode_with_log, write_baselines
 
@@ -122,3 +123,19 @@ def test_baselines_refuse_checkpoints_of_other_setups(target, draft, tmp_path: P
     with pytest.raises(FileNotFoundError, match="no such evaluation checkpoint"):
         write_baselines([tmp_path / "missing.jsonl"], tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_baselines_command_reads_stored_folds_and_names_a_broken_file(
+    target, draft, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = tmp_path / "run" / "traces.jsonl"
+    decode_with_log(decoder(target, draft), jobs()[:3], plain, {**META, "head_sha256": "aa"})
+    stored = tmp_path / "store" / "fold0"
+    stored.mkdir(parents=True)
+    (stored / "traces.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))  # as crossfit-save keeps it
+    assert main(["baselines", str(stored), "--out", str(tmp_path / "b")]) == 0
+    assert len((tmp_path / "b" / "traces.jsonl").read_text().splitlines()) == 1 + 3
+    (stored / "traces.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes())[:-12])  # cut short
+    assert main(["baselines", str(stored), "--out", str(tmp_path / "c")]) == 2
+    assert "not a complete gzip file" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "traces.jsonl").exists()

@@ -471,6 +471,12 @@ def goals(argv: Sequence[str]) -> int:
     return 0
 
 
+def in_folder(folder: Path) -> Path:
+    """A run folder's checkpoint: `traces.jsonl`, or `traces.jsonl.gz` as `crossfit-save` stores it."""
+    plain, packed = folder / TRACES, folder / (TRACES + ".gz")
+    return packed if packed.is_file() and not plain.is_file() else plain
+
+
 def baselines(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="autojudge-train baselines",
@@ -481,7 +487,7 @@ def baselines(argv: Sequence[str]) -> int:
     p.add_argument("checkpoints", nargs="+", type=Path, help="traces.jsonl or traces.jsonl.gz files, or run folders")
     p.add_argument("--out", type=Path, required=True, help="run folder to start (its traces.jsonl must not exist)")
     args = p.parse_args(argv)
-    paths = [c / TRACES if c.is_dir() else c for c in args.checkpoints]
+    paths = [in_folder(c) if c.is_dir() else c for c in args.checkpoints]
     n = write_baselines(paths, args.out / TRACES)
     print(f"{n} head-free jobs of {len(paths)} checkpoints -> {args.out / TRACES}", file=sys.stderr)
     return 0

@@ -17,13 +17,16 @@ def read_complete(path: Path, what: str) -> tuple[list[Any], int]:
     if not path.exists():
         return [], 0
     values, good = [], 0
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.endswith(b"\n"):
-                break  # the run was killed mid-write
-            try:
-                values.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}:{n} is not {what} ({e})") from None
-            good += len(line)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break  # the run was killed mid-write
+                try:
+                    values.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{path}:{n} is not {what} ({e})") from None
+                good += len(line)
+    except (EOFError, gzip.BadGzipFile) as e:  # a .gz cut short or not gzip at all
+        raise ValueError(f"{path} is not a complete gzip file ({e})") from None
     return values, good

@@ -14,6 +14,7 @@ the prompts already in the file, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from training.data import Problem
 from training.jsonlines import read_complete
 
 Outcome = Callable[[Problem, list[int]], str | None]  # (problem, generated token ids) -> task outcome
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +127,14 @@ class Miner:
         """One engine step; the searches whose rollout finished, with their outcome applied."""
         done = []
         for out in self.engine.step():
-            if out.error is not None:  # a label from a broken rollout would be noise
-                raise RuntimeError(f"rollout {out.request_id} failed: {out.error}")
             s = active[out.request_id.rsplit("#", 1)[0]]
             s.generated.extend(out.new_token_ids)
             if not out.finished:
+                continue
+            if out.error is not None:  # greedy decoding would fail the same way on every resume
+                log.warning("rollout %s gives no label: %s", out.request_id, out.error)
+                self._drop_rollout(s)
+                done.append(s)
                 continue
             if s.pending is None:
                 prefix = s.prompt
@@ -141,6 +146,15 @@ class Miner:
         return done
 
     # --- the search ----------------------------------------------------------------------------------
+    def _drop_rollout(self, s: _Search) -> None:
+        """A rollout whose numerics failed has no outcome: without a reference the search ends unlabelled (as
+        for an answer that does not parse); a swap's rollout leaves its mismatch unlabelled and the search
+        goes on past it."""
+        if s.pending is None:
+            s.reference, s.current, s.target_outcome = s.prompt + s.generated, s.prompt + s.generated, None
+            return
+        s.left, s.pending = s.pending[0] + 1, None
+
     def _apply_rollout(self, s: _Search, full: list[int]) -> None:
         """`full` is the rollout's whole sequence. The first rollout is the reference T, later ones A."""
         result = self.outcome(s.problem, full[len(s.prompt) :])

@@ -106,6 +106,8 @@ def write_baselines(paths: list[Path], out: Path) -> int:
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(x) + "\n" for x in [{"meta": meta}, *lines])
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out)
     return len(lines)
 
@@ -133,6 +135,8 @@ def decode_with_log(
 ) -> tuple[list[Trace], int]:
     """Every job's trace (in job order), decoding only those not yet in the log at `path`; also returns how many
     came from the log. Each finished job is appended (and synced) as soon as it ends."""
+    if path.suffix == ".gz":
+        raise ValueError(f"{path}: a sweep appends to a plain traces.jsonl; gunzip the stored checkpoint first")
     done, good, adopt = read_log(path, meta)
     if adopt:
         good = _rewrite_setup(path, good, meta)

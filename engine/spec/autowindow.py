@@ -211,10 +211,17 @@ class AutoWindow:
         return Plan(tuple(windows), tokens, self.overhead + step_seconds(self.cost, windows, rows, self.per_depth))
 
     def observe(
-        self, inputs: list[RowInput], plan: Plan, accepted: list[int], seconds: float, emitted: int, verify: float
+        self,
+        inputs: list[RowInput],
+        plan: Plan,
+        accepted: list[int | None],
+        seconds: float,
+        emitted: int,
+        verify: float,
     ) -> None:
-        """One step's outcome: each drafting row's accepted count, the measured seconds of its draft-verify-commit
-        part, the tokens it emitted and the seconds of its verify forward. Every verify tracks the device's speed
+        """One step's outcome: each drafting row's accepted count (None: the row failed, no evidence), the
+        measured seconds of its draft-verify-commit part, the tokens it emitted and the seconds of its verify
+        forward. Every verify tracks the device's speed
         against the profile (a sign step on the ratio: its median, which one pause cannot move far). Plain steps
         (no row drafts, as on every admitting step) teach the overhead: they measure it without mixing in any
         error of the draft costs; drafting steps without a catch-up forward then teach the cost of a draft depth
@@ -225,7 +232,7 @@ class AutoWindow:
         `guard_steps` steps stopped drafting for every request where drafting paid)."""
         c = self.config
         for r, w, n in zip(inputs, plan.windows, accepted, strict=True):
-            if w == 0:
+            if w == 0 or n is None:
                 continue
             if r.catch_up > 0:  # this step's catch-up forward begins a new episode
                 if r.request_id in self.episodes:

@@ -133,18 +133,20 @@ class Drafter:
     ) -> None:
         """Pick d_{step+1} for the producing rows: argmax, or a draw from the transformed distribution."""
         logits = self.runner.logits(h_last[producing])  # [P, V]
-        greedy_ids = logits.argmax(-1).tolist()
+        top = logits.max(-1)  # max propagates NaN: the argmax and the numerics check in one pass
+        greedy_ids, finite = top.indices.tolist(), top.values.isfinite().tolist()
         for p, a in enumerate(producing):
             seq = seqs[rows[a]]
+            if not finite[p]:
+                seq.draft_failed = True  # the engine stops its drafting and clears its draft cache
             if seq.request.sampling.greedy:
                 drafted[rows[a]].append(greedy_ids[p])
                 continue
             assert probs is not None
-            dist = probs_for_params(logits[p : p + 1], [seq.request.sampling])[0]  # [V]
-            if not bool(dist.isfinite().all()):
-                # Overflowed draft logits: propose the argmax as a point mass, still a valid draft distribution
-                # for the ratio test, so the output stays distributed as the target's.
-                dist = torch.zeros_like(dist)
+            if finite[p]:
+                dist = probs_for_params(logits[p : p + 1], [seq.request.sampling])[0]  # [V]
+            else:  # the argmax as a point mass: still a valid draft distribution for the ratio test
+                dist = torch.zeros(logits.shape[-1], device=logits.device)
                 dist[greedy_ids[p]] = 1.0
             probs[rows[a], step] = dist
             drafted[rows[a]].append(sample(dist, seq.generator))
