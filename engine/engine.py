@@ -168,6 +168,7 @@ class Engine:
             proposal = self.drafter.propose(seqs, widths, want_hidden, cut, cuttable)
         else:
             proposal = DraftProposal([[] for _ in seqs], None, None, [s.draft_len for s in seqs])
+        self._forget_overflowed_drafts(seqs, proposal)
         t2 = self.clock()
         cut_short = [len(d) for d in proposal.token_ids] != widths
         fixed = any(w and s.request.spec.fixed_window for s, w in zip(seqs, widths, strict=True))
@@ -180,10 +181,10 @@ class Engine:
             assert self.autowindow is not None
             widths = [len(d) for d in proposal.token_ids]
             plan = self.autowindow.costed(planned, widths)
+        scores = self.verifier.verify(seqs, proposal.token_ids)
+        dropped = self._drop_overflowed_drafts(seqs, widths, proposal, scores)
         for s, w in zip(seqs, widths, strict=True):
             s.window_counts[w] += 1
-        scores = self.verifier.verify(seqs, proposal.token_ids)
-        self._drop_overflowed_drafts(seqs, widths, proposal, scores)
         if self.autowindow is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the planner times the verify as the profile did: finished
         t3 = self.clock()
@@ -192,13 +193,16 @@ class Engine:
         width_t = torch.tensor(widths, device=self.device)
         n, judged_in = autojudge_accept(exact_ok, judge_ok, width_t)
         accepted = n.tolist()
-        outputs, rows = self._commit(seqs, widths, proposal, scores, accepted, judged_in, exact_ok)
+        outputs, rows = self._commit(seqs, widths, proposal, scores, accepted, judged_in, exact_ok, dropped)
         t5 = self.clock()
         emitted = sum(len(o.new_token_ids) for o in outputs)
         self._publish(len(seqs) if self.has_unfinished() else 0)
         if plan is not None:
             assert self.autowindow is not None
-            seen = [None if o.error else n for o, n in zip(outputs, accepted, strict=True)]  # failed: no evidence
+            # A failed row, or one whose drafts overflowed the target, is no evidence of the draft's agreement.
+            seen = [
+                None if o.error or b in dropped else n for b, (o, n) in enumerate(zip(outputs, accepted, strict=True))
+            ]
             self.autowindow.observe(planned, plan, seen, t5 - t_plan, emitted, t3 - t2)
         t6 = self.clock()
         if self.on_step is not None:
@@ -288,26 +292,39 @@ class Engine:
                 s.draft_len = s.num_prompt_tokens - 1 if s.num_speculative > 0 else 0
         return computed
 
+    def _forget_overflowed_drafts(self, seqs: list[Sequence], proposal: DraftProposal) -> None:
+        """Rows whose draft logits overflowed in this step's drafting (the drafter marked them; they draft no more):
+        their draft cache is zeroed now, whatever the step does next, since attention reads masked positions too
+        and a masked NaN still poisons the slot's next row."""
+        for b, s in enumerate(seqs):
+            if s.draft_failed and proposal.token_ids[b] and self.draft is not None:
+                self.draft.cache.clear(s.slot)
+                proposal.fed_end[b] = s.draft_len = 0
+
     @torch.inference_mode()  # writes into the verify's (inference) tensors
     def _drop_overflowed_drafts(
         self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores
-    ) -> None:
+    ) -> dict[int, int]:
         """A NaN in a row's K/V makes its whole attention NaN (a masked NaN still propagates), so one draft token
-        that overflows the target would fail the row. Such rows verify again without drafts, which then count as
-        rejected (`widths` and `proposal` lose them, `scores` takes the new slot 0); still not finite, the
-        context itself overflowed and `_commit` fails the row."""
-        bad = [b for b, w in enumerate(widths) if w > 0 and not bool(scores.finite[b, : w + 1].all())]
+        that overflows the target would fail the row. Such rows verify again without drafts (`widths` and
+        `proposal` lose them, `scores` takes the new slot 0); still not finite, the context itself overflowed and
+        `_commit` fails the row. Returns row -> its first draft token, which `_extra_token` tests against slot 0
+        as one speculative step, so a sampled row stays distributed as the target."""
+        bonus = int(self.config.spec.bonus_token)
+        bad = [b for b, w in enumerate(widths) if w > 0 and not bool(scores.finite[b, : w + bonus].all())]
         if not bad:
-            return
+            return {}
         rows = [seqs[b] for b in bad]
         for s in rows:
             self.target.cache.clear(s.slot, s.target_len)  # the drafts' K/V
         again = self.verifier.verify(rows, [[] for _ in rows])
+        first = {b: proposal.token_ids[b][0] for b in bad}
         for i, b in enumerate(bad):
             widths[b] = 0
             proposal.token_ids[b].clear()
             scores.logits[b, 0], scores.argmax[b, 0] = again.logits[i, 0], again.argmax[i, 0]
             scores.hidden[b, 0], scores.finite[b, 0] = again.hidden[i, 0], again.finite[i, 0]
+        return first
 
     def _decide(
         self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores
@@ -343,7 +360,7 @@ class Engine:
                     target_token_ids=scores.argmax[:, :width],
                     mismatch=mismatch,
                     target_hidden=scores.hidden[:, 1 : width + 1],
-                    draft_hidden=proposal.hidden,
+                    draft_hidden=None if proposal.hidden is None else proposal.hidden[:, :width],
                 )
             )
             judge_ok = mismatch & judge_accepts(z, tau)
@@ -358,6 +375,7 @@ class Engine:
         num_accepted: list[int],
         judged_in: torch.Tensor,  # [B, W] bool, judge-accepted slots inside the accepted prefix
         exact_ok: torch.Tensor,  # [B, W] bool
+        dropped: dict[int, int],  # row -> first draft token, for rows whose drafts overflowed the target
     ) -> tuple[list[RequestOutput], list[RowCycleStats]]:
         tau_on = [s.request.spec.judge_threshold > 0 for s in seqs]
         judge_counts = judged_in.sum(dim=1).tolist()
@@ -372,15 +390,11 @@ class Engine:
                 self.scheduler.finish(seq, "error")
                 outputs.append(self._final(seq, [], None, NON_FINITE))
                 continue
-            fed = proposal.fed_end[b]
-            if seq.draft_failed and w > 0 and self.draft is not None:  # the cycle its draft overflowed
-                self.draft.cache.clear(seq.slot)
-                fed = 0
             new_ids = proposal.token_ids[b][:n]
-            extra = self._extra_token(seq, b, n, w, proposal, scores)
+            extra = self._extra_token(seq, b, n, w, proposal, scores, dropped.get(b))
             if extra is not None:
                 new_ids = [*new_ids, extra]
-            kept = self.scheduler.commit(seq, new_ids, n, fed)
+            kept = self.scheduler.commit(seq, new_ids, n, proposal.fed_end[b])
             cycle = None
             if w:
                 judged = mismatch_seen[b][min(n, w - 1)] if (tau_on[b] and mismatch_seen) else 0
@@ -410,18 +424,32 @@ class Engine:
             self.draft.cache.clear(seq.slot)
 
     def _extra_token(
-        self, seq: Sequence, b: int, n: int, w: int, proposal: DraftProposal, scores: TargetScores
+        self,
+        seq: Sequence,
+        b: int,
+        n: int,
+        w: int,
+        proposal: DraftProposal,
+        scores: TargetScores,
+        first: int | None = None,
     ) -> int | None:
-        """The recovered token at the first rejected slot, or the bonus after a full window (None if off)."""
+        """The recovered token at the first rejected slot, or the bonus after a full window (None if off). For a
+        row whose drafts overflowed the target (`first`: its first draft token, verified no further), one
+        speculative step on that draft: kept with probability min(1, q/g), else a draw from the residual."""
         if not self._gives_extra(n, w):
             return None
         params = seq.request.sampling
         if params.greedy:
             return int(scores.argmax[b, n])
         q = probs_for_params(scores.logits[b, n : n + 1], [params])[0]  # [V]
-        if n < w:
+        if n < w or first is not None:
             assert proposal.probs is not None
-            q = residual_distribution(q, proposal.probs[b, n])
+            g = proposal.probs[b, n]  # [V]
+            if first is not None:
+                u = torch.rand((), generator=seq.generator, device=self.device)
+                if bool(u * g[first] < q[first]):
+                    return first
+            q = residual_distribution(q, g)
         return sample(q, seq.generator)
 
     # --- outputs --------------------------------------------------------------------------------------

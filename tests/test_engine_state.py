@@ -7,11 +7,13 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, make_engine, overflowing, perturbed, run_all
+from conftest import VOCAB, make_engine, overflowing, perturbed, run_all, tiny_decoder
 from engine import Request, SamplingParams, SpecParams
 from engine.model.protocol import ForwardBatch
 from engine.scheduler import QueueFullError
+from engine.spec.judging import HeadJudge
 from engine.types import StepStats
+from judge.head import JudgeHead
 
 NAN_TOKEN = 5  # see `overflowing`: the prompts below and the clean rows' outputs never hold it
 
@@ -299,7 +301,8 @@ def test_a_failed_rows_slot_is_clean_for_the_next_request(target, draft):
     """Attention reads masked positions too, and a masked NaN still poisons: the failed row's K/V must go."""
     long = Request("long", (1, 2, 3, 4, 6, 7, 8, 9), SamplingParams(max_tokens=60))
     bad = Request("bad", (8, NAN_TOKEN, 9, 10, 11, 12, 13), SamplingParams(max_tokens=20))
-    late = Request("late", (2, 3), SamplingParams(max_tokens=20))  # admitted into the slot `bad` freed
+    # Admitted into the slot `bad` freed; without drafts, its verify reads that slot's stale positions.
+    late = Request("late", (2, 3), SamplingParams(max_tokens=20), SpecParams(enabled=False))
     want, _ = run_all(make_engine(target, draft, slots=2), [long], join_at={3: [late]})
     tokens, finals = run_all(make_engine(overflowing(target, NAN_TOKEN), draft, slots=2), [long, bad], {3: [late]})
     assert finals["bad"].finish_reason == "error"
@@ -308,6 +311,14 @@ def test_a_failed_rows_slot_is_clean_for_the_next_request(target, draft):
 
 def test_a_draft_token_that_overflows_the_target_is_rejected_not_fatal(target, draft, monkeypatch):
     request = Request("g", (1, 2, 3), SamplingParams(max_tokens=30))
+    want, only_drafted = drafted_only(target, draft, request, monkeypatch)
+    assert only_drafted  # the draft proposes tokens the target never emits
+    tokens, finals = run_all(make_engine(overflowing(target, only_drafted[0]), draft), [request])
+    assert finals["g"].error is None and tokens["g"] == want
+
+
+def drafted_only(target, draft, request: Request, monkeypatch) -> tuple[list[int], list[int]]:
+    """The target's own greedy tokens for `request`, and tokens the draft proposes that the target never emits."""
     want, _ = run_all(make_engine(target, None), [request])
     engine = make_engine(target, draft)
     drafted: set[int] = set()
@@ -320,7 +331,62 @@ def test_a_draft_token_that_overflows_the_target_is_rejected_not_fatal(target, d
 
     monkeypatch.setattr(engine.drafter, "propose", spy)
     run_all(engine, [request])
-    only_drafted = sorted(drafted - set(want["g"]) - set(request.prompt_token_ids))
-    assert only_drafted  # the draft proposes tokens the target never emits
-    tokens, finals = run_all(make_engine(overflowing(target, only_drafted[0]), draft), [request])
-    assert finals["g"].error is None and tokens["g"] == want["g"]
+    return want[request.request_id], sorted(drafted - set(want[request.request_id]) - set(request.prompt_token_ids))
+
+
+def test_a_token_that_overflows_both_models_leaves_no_nan_in_the_draft_cache(target, monkeypatch):
+    draft = tiny_decoder(7, layers=1)
+    request = Request("g", (1, 2, 3), SamplingParams(max_tokens=30))
+    want, only_drafted = drafted_only(target, draft, request, monkeypatch)
+    engine = make_engine(overflowing(target, only_drafted[0]), overflowing(draft, only_drafted[0]), slots=2)
+    tokens, finals = run_all(engine, [request])
+    assert finals["g"].error is None and tokens["g"] == want
+    assert all(bool(kv.isfinite().all()) for kv in (*engine.draft.cache.k, *engine.draft.cache.v))
+
+
+def test_an_overflowing_draft_does_not_break_a_dd_dt_judge(target, monkeypatch):
+    """The dropped row was the widest: the judge must get the draft states at the new width."""
+    draft = tiny_decoder(7, layers=1)
+    a = Request("A", (1, 2, 3), SamplingParams(max_tokens=30), SpecParams(num_speculative_tokens=4))
+    b = Request(
+        "B",
+        (50, 51, 52),
+        SamplingParams(max_tokens=60),
+        SpecParams(num_speculative_tokens=2, profile="math", judge_threshold=0.6),
+    )
+    want, only_drafted = drafted_only(target, draft, a, monkeypatch)
+    zeros = torch.zeros(64, dtype=torch.float64)
+    head = JudgeHead("DD-DT", zeros, torch.ones(64, dtype=torch.float64), zeros, 0.0, torch.linspace(0, 1, 26), 0.5)
+    engine = make_engine(overflowing(target, only_drafted[0]), draft, judge=HeadJudge({"math": head}))
+    tokens, finals = run_all(engine, [a, b])
+    assert tokens["A"] == want and all(f.error is None for f in finals.values())
+    assert finals["B"].spec.num_judge_accepted > 0  # the judge ran beside the dropped row
+
+
+def test_a_sampled_row_whose_drafts_overflow_the_target_keeps_the_targets_distribution(target):
+    """Its first draft gets one speculative step against the target's distribution, as a rejection would not."""
+    far_draft = perturbed(target, 0.3, seed=7)
+    prompt = (4, 8, 15, 16, 23, 42)
+    q = torch.softmax(fresh_next_logits(target, list(prompt)) / 2.0, -1)
+    g = torch.softmax(fresh_next_logits(far_draft, list(prompt)) / 2.0, -1)
+    # A token the draft proposes more often than the target emits it: a residual never gives it back.
+    x = max((t for t in range(VOCAB) if g[t] > q[t] and t not in prompt), key=lambda t: float(q[t] * g[t]))
+    n = 1500
+    reqs = [
+        Request(
+            f"q{i}",
+            prompt,
+            SamplingParams(max_tokens=2, temperature=2.0, seed=i, ignore_eos=True),
+            SpecParams(num_speculative_tokens=1),
+        )
+        for i in range(n)
+    ]
+    engine = make_engine(overflowing(target, x), far_draft)
+    engine.scheduler.max_waiting = n
+    tokens, finals = run_all(engine, reqs)
+    first = torch.tensor([tokens[f"q{i}"][0] for i in range(n)])
+    freq = torch.bincount(first, minlength=VOCAB).float() / n
+    sd = float(q[x] * (1 - q[x]) / n) ** 0.5
+    assert abs(float(freq[x] - q[x])) < 4 * sd and float(g[x] * q[x]) < float(q[x]) - 4 * sd  # the bias it avoids
+    assert (freq - q).abs().sum().item() / 2 < 0.12
+    assert sum(f.error is not None for f in finals.values()) == int((first == x).sum())  # x then overflows

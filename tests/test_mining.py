@@ -156,3 +156,10 @@ def test_a_rollout_whose_numerics_fail_gives_no_label_and_mining_goes_on() -> No
     assert got["poisoned"]["mismatches"] == [] and got["poisoned"]["target_outcome"] is None
     labelled = [m for r in got.values() for m in r["mismatches"]]
     assert labelled and all(m[3] != nan_token for m in labelled)
+    # The search goes on past the failed swap: labels after the first position where the clean run swapped in it.
+    failed_at = {
+        pid: min(m[0] for m in r["mismatches"] if m[3] == nan_token)
+        for pid, r in clean.items()
+        if any(m[3] == nan_token for m in r["mismatches"])
+    }
+    assert any(m[0] > p for pid, p in failed_at.items() for m in got[pid]["mismatches"])
