@@ -1,4 +1,5 @@
-"""One cached decode step (forward + logits) of the embedded target and its int8 draft, at a few batch sizes.
+"""One cached decode step (forward + logits) of a pair's target and draft (`--pair`: the embedded target and its
+int8 twin by default), at a few batch sizes, in the pair's own precision.
 
 Prints one markdown row per run: the median and the fastest step of each, in ms (the fastest is the figure
 to compare across runs: this machine's noise only ever adds time). It imports only the engine, so it also times
@@ -16,10 +17,9 @@ from pathlib import Path
 import torch
 from argtypes import positive, positive_list
 
-from engine.model.assets import default_cache_dir, embedded_target_path
+from engine.model.assets import default_cache_dir
 from engine.model.decoder import Decoder
-from engine.model.loader import load_model
-from engine.model.quant import quantize_int8
+from engine.model.pair import PAIRS, load_pair
 from engine.runner import ModelRunner
 
 CPU = torch.device("cpu")
@@ -42,6 +42,7 @@ def step_ms(model: Decoder, rows: int, context: list[int], steps: int) -> tuple[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    p.add_argument("--pair", choices=PAIRS, default=PAIRS[0])
     p.add_argument("--rows", type=positive_list, default=[1, 8], help="batch sizes, a comma list")
     p.add_argument("--context", type=positive, default=96, help="cached tokens per row")
     p.add_argument("--steps", type=positive, default=30, help="timed steps per model and batch size")
@@ -49,8 +50,11 @@ def main() -> None:
     p.add_argument("--header", action="store_true", help="print the table header first")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    target = load_model(embedded_target_path(), cache_dir=args.cache_dir).model
-    draft = quantize_int8(target)
+    loaded, draft = load_pair(
+        pair=args.pair, target=None, draft="int8", dtype="auto", device=CPU, cache_dir=args.cache_dir
+    )
+    target = loaded.model
+    assert draft is not None
     context = [(17 * i + 5) % target.config.vocab_size for i in range(args.context + 1)]
     models = {"draft": draft, "target": target}
     if args.header:
