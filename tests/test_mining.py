@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from conftest import overflowing, tiny_decoder
 from engine.model.decoder import Decoder
 from engine.model.protocol import ForwardBatch
 from training.data import Problem
-from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
+from training.mine import MineConfig, Miner, drain_on_signal, label_summary, mine_to_file, read_done
 
 EOS = 5
 BUDGET = 20
@@ -163,3 +165,33 @@ def test_a_rollout_whose_numerics_fail_gives_no_label_and_mining_goes_on() -> No
         if any(m[3] == nan_token for m in r["mismatches"])
     }
     assert any(m[0] > p for pid, p in failed_at.items() for m in got[pid]["mismatches"])
+
+
+def test_a_drained_miner_finishes_the_searches_in_flight_and_starts_no_more() -> None:
+    target, draft = tiny_decoder(0), tiny_decoder(7, layers=1)
+    problems = _problems(10)
+    full: dict[str, dict] = {}
+    _miner(target, draft, concurrency=4).run(problems, lambda r: full.__setitem__(r["prompt_id"], r))
+    miner = _miner(target, draft, concurrency=4)
+    got: dict[str, dict] = {}
+
+    def emit(record: dict) -> None:
+        got[record["prompt_id"]] = record
+        miner.drain()  # after the first search ends: the three others in flight still finish
+
+    miner.run(problems, emit)
+    assert len(got) == 4
+    for pid, record in got.items():
+        assert {k: v for k, v in record.items() if k != "seconds"} == {
+            k: v for k, v in full[pid].items() if k != "seconds"
+        }
+
+
+def test_the_first_signal_drains_and_a_second_stops_at_once() -> None:
+    miner = _miner(tiny_decoder(0), tiny_decoder(7, layers=1), concurrency=2)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), drain_on_signal(miner) as caught:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert miner.draining and caught == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before

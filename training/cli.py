@@ -39,7 +39,7 @@ from training.features import collect_features, load_features, read_labels, save
 from training.folds import Fold, parse_fold
 from training.goals import Goal, statements
 from training.labelpack import read_packed, unpack_all, write_packed
-from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
+from training.mine import MineConfig, Miner, drain_on_signal, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
 from training.tasks import is_correct, outcome
 from training.tracelog import TRACES, decode_with_log, write_baselines
@@ -121,7 +121,8 @@ def mine(argv: Sequence[str]) -> int:
         return outcome(problem, str(tokenizer.decode(generated, skip_special_tokens=True)))
 
     miner = Miner(target.model, draft, task_outcome, eos_token_ids(target), config, max(len(ids) for _, ids in prompts))
-    totals = mine_to_file(miner, prompts, args.out, meta)
+    with drain_on_signal(miner) as caught:
+        totals = mine_to_file(miner, prompts, args.out, meta)
     hours = totals["seconds"] / 3600
     print(
         f"mined {int(totals['prompts'])} prompts in {totals['seconds']:.0f} s: {int(totals['labels'])} labels, "
@@ -130,6 +131,9 @@ def mine(argv: Sequence[str]) -> int:
         f"{int(totals['dropped'])} prompts dropped (target answer did not parse) -> {args.out}",
         file=sys.stderr,
     )
+    if caught and totals["left"]:
+        print(f"stopped by a signal with {int(totals['left'])} prompts left; the same command resumes", file=sys.stderr)
+        return 128 + caught[0]
     return 0
 
 

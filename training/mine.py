@@ -13,11 +13,14 @@ the prompts already in the file, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,14 +92,19 @@ class Miner:
         cache: SlotKVCache = draft.new_cache(config.concurrency, max_len + 1)
         self.draft = ModelRunner(draft, cache, device)
         self.max_len = max_len
+        self.draining = False  # set by `drain`: no further prompt starts
+
+    def drain(self) -> None:
+        """Start no further prompt: `run` returns once the searches in flight have finished and been emitted."""
+        self.draining = True
 
     def run(self, problems: list[tuple[Problem, list[int]]], emit: Callable[[dict[str, Any]], None]) -> None:
         """Search every (problem, prompt ids); `emit` receives each finished prompt's record."""
         todo = list(reversed(problems))
         free_slots = list(range(self.config.concurrency))
         active: dict[str, _Search] = {}
-        while todo or active:
-            while todo and free_slots:
+        while (todo and not self.draining) or active:
+            while todo and free_slots and not self.draining:
                 problem, prompt = todo.pop()
                 if len(prompt) + 1 > self.max_len - self.config.max_new_tokens:
                     raise ValueError(f"prompt of {problem.prompt_id} is longer than max_prompt_len")
@@ -257,6 +265,32 @@ def label_summary(records: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def drain_on_signal(miner: Miner) -> Iterator[list[int]]:
+    """The first SIGINT or SIGTERM drains `miner` (the searches in flight finish and are written, none starts), so
+    an interrupted run loses no work; a second one stops at once (KeyboardInterrupt), losing the searches in flight.
+    Yields the list of signals caught."""
+    caught: list[int] = []
+
+    def handler(signum: int, _: object) -> None:
+        caught.append(signum)
+        if miner.draining:
+            raise KeyboardInterrupt
+        miner.drain()
+        print(
+            f"\n{signal.Signals(signum).name}: finishing the searches in flight, starting no more "
+            "(a second signal stops at once and loses them)",
+            file=sys.stderr,
+        )
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+
 def mine_to_file(
     miner: Miner,
     problems: list[tuple[Problem, list[int]]],
@@ -305,4 +339,5 @@ def mine_to_file(
         miner.run(todo, emit)
         bar.close()
     totals["seconds"] = time.perf_counter() - started
+    totals["left"] = len(todo) - totals["prompts"]
     return totals
