@@ -103,12 +103,7 @@ def write_baselines(paths: list[Path], out: Path) -> int:
     if out.exists():
         raise ValueError(f"{out} exists; a baselines checkpoint is only written as a new file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(x) + "\n" for x in [{"meta": meta}, *lines])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    _write_atomically(out, "".join(json.dumps(x) + "\n" for x in [{"meta": meta}, *lines]).encode())
     return len(lines)
 
 
@@ -117,13 +112,18 @@ def _rewrite_setup(path: Path, good: int, meta: dict[str, Any]) -> int:
     with open(path, "rb") as f:
         body = f.read(good).split(b"\n", 1)[1]
     data = (json.dumps({"meta": meta}) + "\n").encode() + body
+    _write_atomically(path, data)
+    return len(data)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds either its old bytes or all of `data`, whenever the process dies."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return len(data)
 
 
 def decode_with_log(
