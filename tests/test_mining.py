@@ -15,7 +15,8 @@ from conftest import overflowing, tiny_decoder
 from engine.model.decoder import Decoder
 from engine.model.protocol import ForwardBatch
 from training.data import Problem
-from training.mine import MineConfig, Miner, drain_on_signal, label_summary, mine_to_file, read_done
+from training.interrupt import drain_on_signal
+from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 
 EOS = 5
 BUDGET = 20
@@ -190,7 +191,7 @@ def test_a_drained_miner_finishes_the_searches_in_flight_and_starts_no_more() ->
 def test_the_first_signal_drains_and_a_second_stops_at_once() -> None:
     miner = _miner(tiny_decoder(0), tiny_decoder(7, layers=1), concurrency=2)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), drain_on_signal(miner) as caught:
+    with pytest.raises(KeyboardInterrupt), drain_on_signal(miner, "searches") as caught:
         os.kill(os.getpid(), signal.SIGTERM)
         assert miner.draining and caught == [signal.SIGTERM]
         os.kill(os.getpid(), signal.SIGINT)

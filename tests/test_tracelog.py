@@ -56,6 +56,19 @@ def test_resume_decodes_only_the_missing_jobs(target, draft, tmp_path: Path) -> 
     assert resumed == len(all_jobs) and as_tuples(again) == as_tuples(traces)
 
 
+def test_a_drained_sweep_finishes_its_prompts_in_flight_and_the_next_run_the_rest(
+    target, draft, tmp_path: Path
+) -> None:
+    log = tmp_path / "traces.jsonl"
+    dec = LockstepDecoder(target, draft, None, eos_token_ids=(), slots=1, max_len=64)  # one prompt at a time
+    traces, _ = decode_with_log(dec, jobs(), log, META, lambda n: dec.drain())  # a signal as the first run ends
+    first = {j.job_id for j in jobs() if j.job_id.endswith("|0")}
+    assert {t.job.job_id for t in traces} == first  # every method of the prompt in flight, forks included
+    assert len(log.read_text().splitlines()) == 1 + len(first)
+    again, resumed = decode_with_log(decoder(target, draft), jobs(), log, META)
+    assert resumed == len(first) and as_tuples(again) == as_tuples(decoder(target, draft).run(jobs()))
+
+
 def test_a_log_of_another_setup_is_refused(target, draft, tmp_path: Path) -> None:
     log = tmp_path / "traces.jsonl"
     decode_with_log(decoder(target, draft), jobs()[:2], log, META)

@@ -38,8 +38,9 @@ from training.evaluate import ProblemResult, markdown_table, score_traces, summa
 from training.features import collect_features, load_features, read_labels, save_features, without_prompts
 from training.folds import Fold, parse_fold
 from training.goals import Goal, statements
+from training.interrupt import drain_on_signal
 from training.labelpack import read_packed, unpack_all, write_packed
-from training.mine import MineConfig, Miner, drain_on_signal, label_summary, mine_to_file, read_done
+from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
 from training.tasks import is_correct, outcome
 from training.tracelog import TRACES, decode_with_log, write_baselines
@@ -121,7 +122,7 @@ def mine(argv: Sequence[str]) -> int:
         return outcome(problem, str(tokenizer.decode(generated, skip_special_tokens=True)))
 
     miner = Miner(target.model, draft, task_outcome, eos_token_ids(target), config, max(len(ids) for _, ids in prompts))
-    with drain_on_signal(miner) as caught:
+    with drain_on_signal(miner, "searches") as caught:
         totals = mine_to_file(miner, prompts, args.out, meta)
     hours = totals["seconds"] / 3600
     print(
@@ -380,15 +381,24 @@ def evaluate(argv: Sequence[str]) -> int:
         with tqdm(total=len(jobs), unit="run", desc=f"{len(ms)} methods x {len(prompts)} problems") as bar:
             traces, n_logged = decode_with_log(decoder, jobs, args.out / TRACES, log_meta, bar.update)
         resumed += n_logged
+        if decoder.draining:  # stopped by a signal: the log holds what finished, the next run resumes from it
+            return {}
         return score_traces(traces, by_id, windows, text_outcome, is_correct)
 
     start = time.perf_counter()
-    results = run(methods)
-    rates = set(floats(args.random)) | (judge_rates(args.random_from) if args.random_from else set())
-    if head is not None and not args.no_random:
-        rates |= rates_of(summarise(results, Method("lossless"), windows))
-    if rates:
-        results.update(run([Method("random", rho) for rho in sorted(rates) if rho > 0]))
+    with drain_on_signal(decoder, "problems") as caught:
+        results = run(methods)
+        rates = set(floats(args.random)) | (judge_rates(args.random_from) if args.random_from else set())
+        if head is not None and not args.no_random and not decoder.draining:
+            rates |= rates_of(summarise(results, Method("lossless"), windows))
+        if rates and not decoder.draining:
+            results.update(run([Method("random", rho) for rho in sorted(rates) if rho > 0]))
+    if decoder.draining:
+        print(
+            f"stopped by a signal; the finished runs are in {args.out / TRACES}: the same command resumes",
+            file=sys.stderr,
+        )
+        return 128 + caught[0]
     rows = summarise(results, Method("lossless"), windows)
     meta = {
         "command": "autojudge-train evaluate " + " ".join(argv),

@@ -13,14 +13,11 @@ the prompts already in the file, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,32 +260,6 @@ def label_summary(records: list[dict[str, Any]]) -> dict[str, float]:
         "max_response_tokens": max(lengths, default=0),
         "prompt_seconds": sum(r["seconds"] for r in records),
     }
-
-
-@contextlib.contextmanager
-def drain_on_signal(miner: Miner) -> Iterator[list[int]]:
-    """The first SIGINT or SIGTERM drains `miner` (the searches in flight finish and are written, none starts), so
-    an interrupted run loses no work; a second one stops at once (KeyboardInterrupt), losing the searches in flight.
-    Yields the list of signals caught."""
-    caught: list[int] = []
-
-    def handler(signum: int, _: object) -> None:
-        caught.append(signum)
-        if miner.draining:
-            raise KeyboardInterrupt
-        miner.drain()
-        print(
-            f"\n{signal.Signals(signum).name}: finishing the searches in flight, starting no more "
-            "(a second signal stops at once and loses them)",
-            file=sys.stderr,
-        )
-
-    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for sig, old in before.items():
-            signal.signal(sig, old)
 
 
 def mine_to_file(

@@ -182,10 +182,16 @@ class LockstepDecoder:
         self.slots, self.max_len, self.device = slots, max_len, device
         self.reserve = (slots - 1) // 4  # slots new prompts leave free, so forks rarely wait
         self.row_steps = 0  # rows decoded, summed over steps: the cost the sharing saves
+        self.draining = False  # set by `drain`: no further prompt starts
+
+    def drain(self) -> None:
+        """Start no further prompt: `run` returns once the prompts in flight (and their forks) have ended."""
+        self.draining = True
 
     @torch.inference_mode()
     def run(self, jobs: list[Job], on_done: Callable[[list[Trace]], None] | None = None) -> list[Trace]:
-        """Decode every job; traces come back in job order. `on_done` hears of each group of jobs as it ends."""
+        """Decode every job; traces come back in job order. `on_done` hears of each group of jobs as it ends.
+        After `drain`, only the jobs of prompts already started are decoded and returned."""
         for job in jobs:
             if len(job.prompt) + job.max_tokens > self.max_len:
                 raise ValueError(f"{job.job_id}: prompt + max_tokens exceeds max_len={self.max_len}")
@@ -200,8 +206,8 @@ class LockstepDecoder:
         traces: list[Trace | None] = [None] * len(jobs)
         active: list[_Branch] = []
         free = list(reversed(range(self.slots)))
-        while roots or forks or active:
-            while free and (forks or (roots and (len(free) > self.reserve or not active))):
+        while (roots and not self.draining) or forks or active:
+            while free and (forks or (roots and not self.draining and (len(free) > self.reserve or not active))):
                 branch = forks.popleft() if forks else roots.popleft()
                 branch.slot = free.pop()
                 active.append(branch)

@@ -134,7 +134,8 @@ def decode_with_log(
     on_done: Callable[[int], None] | None = None,
 ) -> tuple[list[Trace], int]:
     """Every job's trace (in job order), decoding only those not yet in the log at `path`; also returns how many
-    came from the log. Each finished job is appended (and synced) as soon as it ends."""
+    came from the log. Each finished job is appended (and synced) as soon as it ends. A drained decoder leaves
+    some jobs out: fewer traces than jobs come back, and the next run decodes the rest."""
     if path.suffix == ".gz":
         raise ValueError(f"{path}: a sweep appends to a plain traces.jsonl; gunzip the stored checkpoint first")
     done, good, adopt = read_log(path, meta)
@@ -167,7 +168,7 @@ def decode_with_log(
     for job in jobs:
         if job.job_id in fresh:
             traces.append(fresh[job.job_id])
-        else:
+        elif job.job_id in done:
             r = done[job.job_id]
             traces.append(Trace(job, list(r["tokens"]), _flags(r["ok"]), _flags(r["mismatch"]), True))
     return traces, len(jobs) - len(todo)

@@ -1,0 +1,41 @@
+"""Signal handling for long resumable jobs (mining, evaluation sweeps): the first SIGINT or SIGTERM lets the work in
+flight finish and be written, so an interrupted run loses nothing; a second one stops at once."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class Drainable(Protocol):
+    draining: bool
+
+    def drain(self) -> None: ...
+
+
+@contextlib.contextmanager
+def drain_on_signal(job: Drainable, in_flight: str) -> Iterator[list[int]]:
+    """The first SIGINT or SIGTERM drains `job` (what is in flight finishes and is written, nothing new starts); a
+    second one raises KeyboardInterrupt, losing `in_flight` (named in the message). Yields the signals caught."""
+    caught: list[int] = []
+
+    def handler(signum: int, _: object) -> None:
+        caught.append(signum)
+        if job.draining:
+            raise KeyboardInterrupt
+        job.drain()
+        print(
+            f"\n{signal.Signals(signum).name}: finishing the {in_flight} in flight, starting no more "
+            "(a second signal stops at once and loses them)",
+            file=sys.stderr,
+        )
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
