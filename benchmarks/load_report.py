@@ -38,6 +38,7 @@ import httpx
 import torch
 from argtypes import positive, positive_list, unit_float
 
+from engine.build import default_profiles
 from engine.model.pair import PAIR_DTYPES, PAIRS
 from loadtest.cli import run as run_load
 from loadtest.config import LoadConfig
@@ -124,6 +125,16 @@ def mode_names(args: argparse.Namespace, table: dict[str, Json]) -> list[str]:
     return list(dict.fromkeys(["no-spec", *names]))
 
 
+def check_modes(args: argparse.Namespace) -> None:
+    """Refuse unknown modes, and judge modes for a task the pair has no shipped head for (the server serves those)."""
+    names = mode_names(args, table_of(args))
+    served = {p.name for p in default_profiles("shipped", args.pair, custom_target=False, has_draft=True)}
+    if args.task not in served and any(m.startswith("judge") for m in names):
+        raise SystemExit(f"load_report: the {args.pair} pair has no {args.task!r} head (it serves "
+                         f"{', '.join(sorted(served))}); choose another --task, or leave the judge modes out with "
+                         "--modes")  # fmt: skip
+
+
 async def measure(args: argparse.Namespace, server: Server, prompts: list[Json]) -> tuple[Json, list[Json]]:
     levels = args.concurrency
     table = table_of(args)
@@ -133,11 +144,6 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
         await server.wait_ready(http, 600.0)
         version = (await http.get("/version")).json()
         profiles = (await http.get("/v1/profiles")).json()
-    served = {p["name"] for p in profiles["data"]}
-    if args.task not in served and any(m.startswith("judge") for m in names):
-        listed = ", ".join(sorted(served))
-        raise SystemExit(f"load_report: the server has no {args.task!r} profile (it serves {listed}); choose "
-                         "another --task, or leave the judge modes out with --modes")  # fmt: skip
     base = LoadConfig(endpoint="chat", max_tokens=args.max_tokens, duration=args.duration, grace=120.0,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, progress=False)  # fmt: skip
     # One untimed round at the top level first: allocator, caches and slots are warm for every measured cell.
@@ -440,7 +446,7 @@ def portable(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    mode_names(args, table_of(args))  # refuse unknown modes before any server starts
+    check_modes(args)  # before any server starts
     problems = load_problems(SOURCES[args.task][0], data_dir=args.data_dir)[: args.prompts]
     prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
     load_before = os.getloadavg()[0]
