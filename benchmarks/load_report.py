@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,11 @@ import httpx
 import torch
 from argtypes import positive, positive_list, unit_float
 
-from engine.build import default_profiles
+from engine.build import profile_specs
 from engine.model.pair import PAIR_DTYPES, PAIRS
 from loadtest.cli import run as run_load
 from loadtest.config import LoadConfig
+from server.settings import load_settings
 from server_bench import Server
 from training.data import DEFAULT_GSM8K_DIR, load_problems
 
@@ -125,12 +126,18 @@ def mode_names(args: argparse.Namespace, table: dict[str, Json]) -> list[str]:
     return list(dict.fromkeys(["no-spec", *names]))
 
 
-def check_modes(args: argparse.Namespace) -> None:
-    """Refuse unknown modes, and judge modes for a task the pair has no shipped head for (the server serves those)."""
-    names = mode_names(args, table_of(args))
-    served = {p.name for p in default_profiles("shipped", args.pair, custom_target=False, has_draft=True)}
+def planned_profiles(server_args: list[str], environ: Mapping[str, str]) -> set[str]:
+    """The profiles a server started with these flags will serve, given the AUTOJUDGE_* environment it inherits."""
+    try:
+        return {p.name for p in profile_specs(load_settings(server_args, environ).model_source())}
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"load_report: the server would not start: {e}") from e
+
+
+def check_modes(args: argparse.Namespace, names: list[str], served: set[str]) -> None:
+    """Refuse judge modes for a task the server does not serve a profile for."""
     if args.task not in served and any(m.startswith("judge") for m in names):
-        raise SystemExit(f"load_report: the {args.pair} pair has no {args.task!r} head (it serves "
+        raise SystemExit(f"load_report: the server has no {args.task!r} profile (it serves "
                          f"{', '.join(sorted(served))}); choose another --task, or leave the judge modes out with "
                          "--modes")  # fmt: skip
 
@@ -144,6 +151,7 @@ async def measure(args: argparse.Namespace, server: Server, prompts: list[Json])
         await server.wait_ready(http, 600.0)
         version = (await http.get("/version")).json()
         profiles = (await http.get("/v1/profiles")).json()
+    check_modes(args, names, {p["name"] for p in profiles["data"]})
     base = LoadConfig(endpoint="chat", max_tokens=args.max_tokens, duration=args.duration, grace=120.0,
                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, progress=False)  # fmt: skip
     # One untimed round at the top level first: allocator, caches and slots are warm for every measured cell.
@@ -446,13 +454,13 @@ def portable(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    check_modes(args)  # before any server starts
-    problems = load_problems(SOURCES[args.task][0], data_dir=args.data_dir)[: args.prompts]
-    prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
-    load_before = os.getloadavg()[0]
     server_args = ["--pair", args.pair, "--max-slots", str(args.max_slots), *SERVER_ARGS]
     server_args += [] if args.reuse_prefix else ["--no-reuse-prefix"]
     server_args += ["--step-log", str(args.step_log)] if args.step_log else []
+    check_modes(args, mode_names(args, table_of(args)), planned_profiles(server_args, os.environ))  # no server yet
+    problems = load_problems(SOURCES[args.task][0], data_dir=args.data_dir)[: args.prompts]
+    prompts = [{"messages": [{"role": "user", "content": p.user_turn}]} for p in problems]
+    load_before = os.getloadavg()[0]
     server = Server(server_args)
     print(f"server log: {server.log}", file=sys.stderr)
     try:

@@ -115,6 +115,11 @@ def default_profiles(heads: str, pair: str, custom_target: bool, has_draft: bool
     return (lossless, *(ProfileSpec(d.name, d, description=f"judge head {d.name}, default τ") for d in found))
 
 
+def profile_specs(source: ModelSource) -> tuple[ProfileSpec, ...]:
+    """The profiles a server of `source` serves (before their heads are loaded and checked)."""
+    return source.profiles or default_profiles(source.heads, source.pair, bool(source.target), source.draft != "none")
+
+
 def load_profiles(
     specs: Sequence[ProfileSpec], expected_pair: dict[str, Any] | None, device: str
 ) -> tuple[HeadJudge, tuple[ProfileInfo, ...]]:
@@ -236,7 +241,7 @@ def build_engine(
         cache_dir=source.cache_dir,
         quantize=source.quantize,
     )
-    specs = source.profiles or default_profiles(source.heads, source.pair, bool(source.target), draft is not None)
+    specs = profile_specs(source)
     pair = judge_fingerprint(target, draft)
     judge, profiles = load_profiles(specs, pair, device)
     # Not under a DD-DT head: it reads the draft's hidden states, which were mined with the draft's own K/V.

@@ -128,3 +128,30 @@ def test_sharing_decodes_fewer_rows_than_jobs(target, draft) -> None:
     traces = dec.run(jobs, lambda ended: done.append(len(ended)))
     assert 0 < dec.row_steps < sum(len(t.tokens) for t in traces)
     assert sum(done) == len(jobs) and all(n > 0 for n in done)
+
+
+class LateDrain(LockstepDecoder):
+    """`drain` lands between the loop's test and admission: the flag reads False once, then True."""
+
+    reads_left: int | None = None
+
+    @property
+    def draining(self) -> bool:
+        if self.reads_left is None:
+            return False
+        self.reads_left -= 1
+        return self.reads_left < 0
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        pass
+
+    def drain(self) -> None:
+        self.reads_left = 1
+
+
+def test_a_drain_between_the_loop_test_and_admission_ends_the_run(target, draft) -> None:
+    dec = LateDrain(target, draft, None, eos_token_ids=(), slots=1, max_len=64)
+    jobs = [Job(f"lossless/{i}", p, Method("lossless"), 10, seed=i) for i, p in enumerate(PROMPTS)]
+    traces = dec.run(jobs, lambda ended: dec.drain())  # one job per prompt, one slot: nothing is active then
+    assert [t.job.job_id for t in traces] == ["lossless/0"]

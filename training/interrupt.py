@@ -4,8 +4,8 @@ flight finish and be written, so an interrupted run loses nothing; a second one 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import sys
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -27,10 +27,12 @@ def drain_on_signal(job: Drainable, in_flight: str) -> Iterator[list[int]]:
         if job.draining:
             raise KeyboardInterrupt
         job.drain()
-        print(
+        # os.write, not print: the handler may interrupt a write to sys.stderr (a progress bar), and a buffered
+        # stream refuses to be re-entered.
+        os.write(
+            2,
             f"\n{signal.Signals(signum).name}: finishing the {in_flight} in flight, starting no more "
-            "(a second signal stops at once and loses them)",
-            file=sys.stderr,
+            "(a second signal stops at once and loses them)\n".encode(),
         )
 
     before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

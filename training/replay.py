@@ -211,6 +211,8 @@ class LockstepDecoder:
                 branch = forks.popleft() if forks else roots.popleft()
                 branch.slot = free.pop()
                 active.append(branch)
+            if not active:  # drained after the loop's test: nothing started, nothing left
+                continue
             self._prefill([b for b in active if b.cached < len(b.prompt) + len(b.tokens) - 1])
             children = self._step(active, jobs, gens)
             for branch in [*active, *(c for _, c in children)]:
