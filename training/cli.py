@@ -388,11 +388,12 @@ def evaluate(argv: Sequence[str]) -> int:
     start = time.perf_counter()
     with drain_on_signal(decoder, "problems") as caught:
         results = run(methods)
-        rates = set(floats(args.random)) | (judge_rates(args.random_from) if args.random_from else set())
-        if head is not None and not args.no_random and not decoder.draining:
-            rates |= rates_of(summarise(results, Method("lossless"), windows))
-        if rates and not decoder.draining:
-            results.update(run([Method("random", rho) for rho in sorted(rates) if rho > 0]))
+        if not decoder.draining:
+            rates = set(floats(args.random)) | (judge_rates(args.random_from) if args.random_from else set())
+            if head is not None and not args.no_random:
+                rates |= rates_of(summarise(results, Method("lossless"), windows))
+            if rates:
+                results.update(run([Method("random", rho) for rho in sorted(rates) if rho > 0]))
     if decoder.draining:
         print(
             f"stopped by a signal; the finished runs are in {args.out / TRACES}: the same command resumes",
