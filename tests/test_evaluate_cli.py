@@ -101,13 +101,13 @@ def test_a_signal_finishes_the_problems_in_flight_and_the_same_command_resumes(
     argv += ["--topk", "2", "--prob", "", "--kl", "", "--max-new-tokens", "16", "--slots", "1", "--out", str(out)]
     real = cli.decode_with_log
 
-    def signalled(decoder, jobs, path, meta, on_done):  # one SIGTERM as the first run ends
+    def signalled(decoder, jobs, path, meta, on_done, on_resume):  # one SIGTERM as the first run ends
         def done(n: int) -> None:
             on_done(n)
             if not decoder.draining:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        return real(decoder, jobs, path, meta, done)
+        return real(decoder, jobs, path, meta, done, on_resume)
 
     monkeypatch.setattr(cli, "decode_with_log", signalled)
     before = signal.getsignal(signal.SIGTERM)

@@ -46,9 +46,12 @@ def test_resume_decodes_only_the_missing_jobs(target, draft, tmp_path: Path) -> 
     with open(log, "ab") as f:
         f.write(b'{"job_id": "torn')  # a kill mid-write leaves a partial line
     dec = decoder(target, draft)
-    decoded: list[int] = []
-    traces, resumed = decode_with_log(dec, all_jobs, log, META, decoded.append)
-    assert resumed == 5 and sum(decoded) == len(all_jobs) - 5
+    events: list[tuple[str, int]] = []  # the count read back is told before any run is decoded
+    traces, resumed = decode_with_log(
+        dec, all_jobs, log, META, lambda n: events.append(("done", n)), lambda n: events.append(("resumed", n))
+    )
+    assert resumed == 5 and events[0] == ("resumed", 5)
+    assert sum(n for kind, n in events[1:] if kind == "done") == len(all_jobs) - 5
     assert as_tuples(traces) == as_tuples(decoder(target, draft).run(all_jobs))
     lines = log.read_text().splitlines()
     assert len(lines) == 1 + len(all_jobs) and all(json.loads(x) for x in lines)

@@ -379,7 +379,12 @@ def evaluate(argv: Sequence[str]) -> int:
             for m in ms
         ]
         with tqdm(total=len(jobs), unit="run", desc=f"{len(ms)} methods x {len(prompts)} problems") as bar:
-            traces, n_logged = decode_with_log(decoder, jobs, args.out / TRACES, log_meta, bar.update)
+
+            def from_log(n: int) -> None:  # runs read back count as done but not toward the rate and the ETA
+                bar.initial = bar.n = bar.last_print_n = n
+                bar.refresh()
+
+            traces, n_logged = decode_with_log(decoder, jobs, args.out / TRACES, log_meta, bar.update, from_log)
         resumed += n_logged
         if decoder.draining:  # stopped by a signal: the log holds what finished, the next run resumes from it
             return {}

@@ -132,16 +132,20 @@ def decode_with_log(
     path: Path,
     meta: dict[str, Any],
     on_done: Callable[[int], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> tuple[list[Trace], int]:
     """Every job's trace (in job order), decoding only those not yet in the log at `path`; also returns how many
-    came from the log. Each finished job is appended (and synced) as soon as it ends. A drained decoder leaves
-    some jobs out: fewer traces than jobs come back, and the next run decodes the rest."""
+    came from the log (told to `on_resume` before decoding starts; `on_done` hears of each batch that finishes).
+    Each finished job is appended (and synced) as soon as it ends. A drained decoder leaves some jobs out: fewer
+    traces than jobs come back, and the next run decodes the rest."""
     if path.suffix == ".gz":
         raise ValueError(f"{path}: a sweep appends to a plain traces.jsonl; gunzip the stored checkpoint first")
     done, good, adopt = read_log(path, meta)
     if adopt:
         good = _rewrite_setup(path, good, meta)
     todo = [job for job in jobs if job.job_id not in done]
+    if on_resume is not None:
+        on_resume(len(jobs) - len(todo))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "r+b" if path.exists() else "wb") as f:
         f.truncate(good)
