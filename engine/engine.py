@@ -170,17 +170,19 @@ class Engine:
             proposal = DraftProposal([[] for _ in seqs], None, None, [s.draft_len for s in seqs])
         self._forget_overflowed_drafts(seqs, proposal)
         t2 = self.clock()
-        cut_short = [len(d) for d in proposal.token_ids] != widths
+        drafted = [len(d) for d in proposal.token_ids]
+        kept = [(n, w) for b, (n, w) in enumerate(zip(drafted, widths, strict=True)) if b not in proposal.failed]
+        cut_short = any(n != w for n, w in kept)
         fixed = any(w and s.request.spec.fixed_window for s, w in zip(seqs, widths, strict=True))
         yielded, self.yielded = self.yielded, False
         # Never twice running (arrivals cannot stall the batch), nor when this step admitted rows (their first token).
         if cut_short and not fixed and not yielded and not batch.prefill:
             self.yielded = True
             return self._yield(seqs, proposal, start, t_plan)
-        if cut_short:
-            assert self.autowindow is not None
-            widths = [len(d) for d in proposal.token_ids]
-            plan = self.autowindow.costed(planned, widths)
+        if drafted != widths:  # cut short, or rows whose draft overflowed
+            widths = drafted
+            if self.autowindow is not None:
+                plan = self.autowindow.costed(planned, widths)
         scores = self.verifier.verify(seqs, proposal.token_ids)
         dropped = self._drop_overflowed_drafts(seqs, widths, proposal, scores)
         for s, w in zip(seqs, widths, strict=True):
@@ -203,7 +205,8 @@ class Engine:
             seen = [
                 None if o.error or b in dropped else n for b, (o, n) in enumerate(zip(outputs, accepted, strict=True))
             ]
-            self.autowindow.observe(planned, plan, seen, t5 - t_plan, emitted, t3 - t2)
+            # A step that verified again for overflowed drafts says nothing of step times (0 s: times unused).
+            self.autowindow.observe(planned, plan, seen, 0.0 if dropped else t5 - t_plan, emitted, t3 - t2)
         t6 = self.clock()
         if self.on_step is not None:
             self.on_step(
@@ -219,7 +222,7 @@ class Engine:
                     finished=tuple(o for o in outputs if o.finished),
                     windows=tuple(widths),
                     window_profiles=tuple(s.request.spec.profile for s in seqs),
-                    predicted_seconds=_seconds(plan),
+                    predicted_seconds=None if dropped else _seconds(plan),
                     cut_short=cut_short,
                     caught_up=sum(lag > 0 and w > 0 for lag, w in zip(catch_ups, widths, strict=True)),
                     cost_speed=None if self.autowindow is None else self.autowindow.speed,
@@ -293,19 +296,20 @@ class Engine:
         return computed
 
     def _forget_overflowed_drafts(self, seqs: list[Sequence], proposal: DraftProposal) -> None:
-        """Rows whose draft logits overflowed in this step's drafting (the drafter marked them; they draft no more):
-        their draft cache is zeroed now, whatever the step does next, since attention reads masked positions too
-        and a masked NaN still poisons the slot's next row."""
-        for b, s in enumerate(seqs):
-            if s.draft_failed and proposal.token_ids[b] and self.draft is not None:
-                self.draft.cache.clear(s.slot)
-                proposal.fed_end[b] = s.draft_len = 0
+        """Rows whose draft logits overflowed in this step's drafting draft no more, and their draft cache is zeroed
+        now, whatever the step does next: on the SDPA path attention reads masked positions too, and a masked NaN
+        still poisons the slot's next row."""
+        for b in proposal.failed:
+            seqs[b].draft_failed = True
+            if self.draft is not None:
+                self.draft.cache.clear(seqs[b].slot)
+            proposal.fed_end[b] = seqs[b].draft_len = 0
 
     @torch.inference_mode()  # writes into the verify's (inference) tensors
     def _drop_overflowed_drafts(
         self, seqs: list[Sequence], widths: list[int], proposal: DraftProposal, scores: TargetScores
     ) -> dict[int, int]:
-        """A NaN in a row's K/V makes its whole attention NaN (a masked NaN still propagates), so one draft token
+        """A NaN in a row's K/V makes its attention NaN (on the SDPA path even where masked), so one draft token
         that overflows the target would fail the row. Such rows verify again without drafts (`widths` and
         `proposal` lose them, `scores` takes the new slot 0); still not finite, the context itself overflowed and
         `_commit` fails the row. Returns row -> its first draft token, which `_extra_token` tests against slot 0

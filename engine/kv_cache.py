@@ -36,8 +36,8 @@ class SlotKVCache:
             v[dst, :length] = v[src, :length]
 
     def clear(self, slot: int, start: int = 0) -> None:
-        """Zero `slot` from position `start` on. Attention reads masked positions up to the batch's longest row,
-        and a masked NaN still makes its output NaN, so K/V that overflowed must not outlive their row."""
+        """Zero `slot` from position `start` on. SDPA attention reads masked positions up to the batch's longest
+        row, and a masked NaN still makes its output NaN, so K/V that overflowed must not outlive their row."""
         for k, v in zip(self.k, self.v, strict=True):
             k[slot, start:] = 0
             v[slot, start:] = 0

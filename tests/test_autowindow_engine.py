@@ -8,11 +8,12 @@ import random
 
 import pytest
 import torch
+from test_engine_state import drafted_only
 from test_judge_hook import ScriptedJudge
 from test_planner import cost
 from test_spec_greedy import prompts, requests
 
-from conftest import run_all
+from conftest import overflowing, run_all
 from engine import CacheConfig, Engine, EngineConfig, Request, SamplingParams, SpecConfig, SpecParams
 from engine.config import PlannerConfig
 from engine.model.protocol import ForwardBatch
@@ -222,3 +223,31 @@ def test_a_cut_step_gives_the_judge_states_of_the_tokens_that_were_drafted(targe
                 full_t, full_d = target(batch, None)[0, -1], draft(batch, None)[0, -1]
             torch.testing.assert_close(call.target_hidden[0, i], full_t, atol=1e-5, rtol=0)
             torch.testing.assert_close(call.draft_hidden[0, i], full_d, atol=1e-5, rtol=0)
+
+
+def test_a_step_that_verifies_again_for_overflowed_drafts_teaches_no_step_time(target, draft, monkeypatch) -> None:
+    request = Request("g", (1, 2, 3), SamplingParams(max_tokens=30))
+    want, only_drafted = drafted_only(target, draft, request, monkeypatch)
+    stats: list[StepStats] = []
+    engine = auto_engine(overflowing(target, only_drafted[0]), draft, DRAFTS_PAY, on_step=stats.append)
+    assert engine.autowindow is not None
+    dropped, timed = [], []
+    drop, observe = engine._drop_overflowed_drafts, engine.autowindow.observe
+
+    def drop_spy(*args):
+        out = drop(*args)
+        dropped.append(bool(out))
+        return out
+
+    def observe_spy(inputs, plan, accepted, seconds, emitted, verify):
+        timed.append(seconds)
+        return observe(inputs, plan, accepted, seconds, emitted, verify)
+
+    monkeypatch.setattr(engine, "_drop_overflowed_drafts", drop_spy)
+    monkeypatch.setattr(engine.autowindow, "observe", observe_spy)
+    tokens, finals = run_all(engine, [request])
+    assert tokens["g"] == want and finals["g"].error is None
+    assert any(dropped) and not all(dropped)
+    verified = [s for s in stats if s.windows]  # the steps that reached a verify, as `dropped` and `timed` count
+    assert [t == 0.0 for t in timed] == dropped
+    assert [s.predicted_seconds is None for s in verified] == dropped

@@ -282,7 +282,7 @@ def test_a_row_with_non_finite_logits_fails_alone_and_the_batch_goes_on(target, 
     assert all(NAN_TOKEN not in ids for ids, _, _ in engine.scheduler.retained.values())  # its cache is not reused
 
 
-def test_overflowed_draft_logits_fall_back_to_its_argmax_and_stay_lossless(target, draft):
+def test_a_row_whose_draft_logits_overflow_drafts_no_more_and_stays_lossless(target, draft):
     prompts = [(8, NAN_TOKEN, 9), (NAN_TOKEN, 1)]
     plain = [
         Request(f"p{i}", p, SamplingParams(max_tokens=20), SpecParams(enabled=False)) for i, p in enumerate(prompts)
@@ -291,10 +291,33 @@ def test_overflowed_draft_logits_fall_back_to_its_argmax_and_stay_lossless(targe
     spec = [Request(f"p{i}", p, SamplingParams(max_tokens=20)) for i, p in enumerate(prompts)]
     spec.append(Request("s", prompts[0], SamplingParams(max_tokens=20, temperature=1.0, seed=5)))
     engine = make_engine(target, overflowing(draft, NAN_TOKEN))
+    proposed: list[list[int]] = []
+    propose = engine.drafter.propose
+
+    def spy(*args, **kwargs):
+        proposal = propose(*args, **kwargs)
+        proposed.extend(proposal.token_ids)
+        return proposal
+
+    engine.drafter.propose = spy
     tokens, finals = run_all(engine, spec)
     assert all(f.error is None for f in finals.values()) and len(tokens["s"]) == 20
+    assert not any(proposed)  # every draft forward of these prompts overflows: nothing from NaN logits is proposed
     assert all(bool(kv.isfinite().all()) for kv in (*engine.draft.cache.k, *engine.draft.cache.v))  # cleared
-    assert {k: tokens[k] for k in want} == want  # greedy speculation still gives the target's own tokens
+    assert {k: tokens[k] for k in want} == want
+
+
+def test_a_judge_never_accepts_a_token_drawn_from_overflowed_draft_logits(target, draft):
+    """A head that accepts every mismatch gives the target's own tokens when the draft only overflows."""
+    prompt = (8, NAN_TOKEN, 9)
+    want, _ = run_all(make_engine(target, None), [Request("p", prompt, SamplingParams(max_tokens=20))])
+    zeros = torch.zeros(32, dtype=torch.float64)
+    head = JudgeHead("DT", zeros, torch.ones(32, dtype=torch.float64), zeros, -20.0, torch.linspace(0, 1, 26), 0.5)
+    engine = make_engine(target, overflowing(draft, NAN_TOKEN), judge=HeadJudge({"math": head}))
+    lossy = SpecParams(num_speculative_tokens=4, profile="math", judge_threshold=0.5)
+    tokens, finals = run_all(engine, [Request("p", prompt, SamplingParams(max_tokens=20), lossy)])
+    assert finals["p"].error is None and tokens["p"] == want["p"]
+    assert finals["p"].spec.num_judge_accepted == 0
 
 
 def test_a_failed_rows_slot_is_clean_for_the_next_request(target, draft):

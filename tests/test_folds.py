@@ -70,6 +70,21 @@ def test_bad_fold_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert "a fold is F/K with K >= 2 and 0 <= F < K, not 5/5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["evaluate", "--slots", "0"], "expected a positive integer, not '0'"),  # would wait for a slot for ever
+        (["mine", "--concurrency", "0", "--out", "x"], "expected a positive integer, not '0'"),
+        (["features", "--group", "-2"], "expected a positive integer, not '-2'"),
+        (["evaluate", "--offset", "-1"], "expected a whole number >= 0, not '-1'"),
+    ],
+)
+def test_bad_counts_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def _result(pid: str, correct: bool, tokens: int = 10) -> ProblemResult:
     return ProblemResult(pid, "y" if correct else "n", correct, tokens, {8: 4, 32: 2}, 3, 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ import torch
 from conftest import overflowing, tiny_decoder
 from engine.model.decoder import Decoder
 from engine.model.protocol import ForwardBatch
+from training import cli
 from training.data import Problem
-from training.interrupt import drain_on_signal
+from training.interrupt import Stopped, drain_on_signal
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 
 EOS = 5
@@ -130,6 +132,11 @@ def test_mining_resumes_and_refuses_a_different_setup(tmp_path: Path) -> None:
         assert "another setup" in str(e)
     else:
         raise AssertionError("mixed setups were accepted")
+    gz = tmp_path / "labels.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(ValueError, match=r"not a \.gz"):  # appending at an uncompressed offset would wreck it
+        mine_to_file(_miner(target, draft, 2), problems, gz, meta)
+    assert gzip.decompress(gz.read_bytes()) == path.read_bytes()
 
 
 def test_a_file_that_is_not_a_label_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -191,8 +198,19 @@ def test_a_drained_miner_finishes_the_searches_in_flight_and_starts_no_more() ->
 def test_the_first_signal_drains_and_a_second_stops_at_once() -> None:
     miner = _miner(tiny_decoder(0), tiny_decoder(7, layers=1), concurrency=2)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), drain_on_signal(miner, "searches") as caught:
+    with pytest.raises(Stopped) as stopped, drain_on_signal(miner, "searches") as caught:
         os.kill(os.getpid(), signal.SIGTERM)
         assert miner.draining and caught == [signal.SIGTERM]
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == before
+    assert stopped.value.signum == signal.SIGINT and "searches in flight are lost" in str(stopped.value)
+    assert isinstance(stopped.value, KeyboardInterrupt)  # no `except Exception` swallows it
+
+
+def test_a_second_signal_ends_the_command_with_its_code_and_no_traceback(monkeypatch, capsys) -> None:
+    def stopped(argv: list[str]) -> int:
+        raise Stopped(signal.SIGTERM, "searches")
+
+    monkeypatch.setitem(cli.COMMANDS, "mine", stopped)
+    assert cli.main(["mine"]) == 128 + signal.SIGTERM
+    assert "SIGTERM again: stopped at once, the searches in flight are lost" in capsys.readouterr().err

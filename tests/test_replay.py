@@ -155,3 +155,8 @@ def test_a_drain_between_the_loop_test_and_admission_ends_the_run(target, draft)
     jobs = [Job(f"lossless/{i}", p, Method("lossless"), 10, seed=i) for i, p in enumerate(PROMPTS)]
     traces = dec.run(jobs, lambda ended: dec.drain())  # one job per prompt, one slot: nothing is active then
     assert [t.job.job_id for t in traces] == ["lossless/0"]
+
+
+def test_a_decoder_without_slots_is_refused(target, draft) -> None:
+    with pytest.raises(ValueError, match="at least one slot"):  # it would wait for a free slot for ever
+        LockstepDecoder(target, draft, None, eos_token_ids=(), slots=0, max_len=64)

@@ -114,6 +114,16 @@ def test_only_a_missing_head_is_adopted(target, draft, tmp_path: Path) -> None:
         decode_with_log(decoder(target, draft), jobs(), log, {**META, "head_sha256": "aa", "max_new_tokens": 64})
 
 
+def test_a_stored_checkpoint_beside_no_log_is_not_silently_decoded_again(target, draft, tmp_path: Path) -> None:
+    log = tmp_path / "traces.jsonl"
+    decode_with_log(decoder(target, draft), jobs()[:3], log, META)
+    (tmp_path / "traces.jsonl.gz").write_bytes(gzip.compress(log.read_bytes()))
+    log.unlink()
+    with pytest.raises(ValueError, match="gunzip -k"):
+        decode_with_log(decoder(target, draft), jobs(), log, META)
+    assert not log.exists()
+
+
 def test_the_baselines_of_fold_checkpoints_are_adopted_by_another_heads_run(target, draft, tmp_path: Path) -> None:
     folds = [tmp_path / "f0" / "traces.jsonl", tmp_path / "f1.jsonl.gz"]
     decode_with_log(decoder(target, draft), jobs()[:6], folds[0], {**META, "head_sha256": "aa"})
@@ -155,3 +165,8 @@ def test_the_baselines_command_reads_stored_folds_and_names_a_broken_file(
     assert main(["baselines", str(stored), "--out", str(tmp_path / "c")]) == 2
     assert "not a complete gzip file" in capsys.readouterr().err
     assert not (tmp_path / "c" / "traces.jsonl").exists()
+    packed = gzip.compress(plain.read_bytes())
+    for at in range(10, len(packed) - 8, max(1, (len(packed) - 18) // 8)):  # damaged deflate data, not cut
+        (stored / "traces.jsonl.gz").write_bytes(packed[:at] + bytes([packed[at] ^ 0xFF]) + packed[at + 1 :])
+        assert main(["baselines", str(stored), "--out", str(tmp_path / "d")]) == 2  # named, never a traceback
+        assert "traces.jsonl.gz" in capsys.readouterr().err

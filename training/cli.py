@@ -38,7 +38,7 @@ from training.evaluate import ProblemResult, markdown_table, score_traces, summa
 from training.features import collect_features, load_features, read_labels, save_features, without_prompts
 from training.folds import Fold, parse_fold
 from training.goals import Goal, statements
-from training.interrupt import drain_on_signal
+from training.interrupt import Stopped, drain_on_signal
 from training.labelpack import read_packed, unpack_all, write_packed
 from training.mine import MineConfig, Miner, label_summary, mine_to_file, read_done
 from training.replay import Job, LockstepDecoder, Method
@@ -47,6 +47,18 @@ from training.tracelog import TRACES, decode_with_log, write_baselines
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
+    return int(text)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
 
 
 def fold_arg(text: str) -> Fold:
@@ -59,9 +71,9 @@ def fold_arg(text: str) -> Fold:
 def add_problem_flags(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--source", choices=SOURCES, default=default)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_GSM8K_DIR, help="folder of GSM8K train/test.jsonl")
-    p.add_argument("--offset", type=int, default=0, help="skip this many problems (file order)")
-    p.add_argument("--limit", type=int, default=0, help="at most this many problems (0: all)")
-    p.add_argument("--size", type=int, default=1000, help="gsm-symbolic: problems to generate")
+    p.add_argument("--offset", type=count, default=0, help="skip this many problems (file order)")
+    p.add_argument("--limit", type=count, default=0, help="at most this many problems (0: all)")
+    p.add_argument("--size", type=positive, default=1000, help="gsm-symbolic: problems to generate")
     p.add_argument("--seed", type=int, default=0, help="gsm-symbolic: generator seed")
 
 
@@ -101,8 +113,8 @@ def mine(argv: Sequence[str]) -> int:
     add_pair_flags(p)
     add_problem_flags(p, "gsm8k-train")
     p.add_argument("--out", type=Path, required=True, help="label file (JSON lines); resumed when it exists")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="response budget per rollout")
-    p.add_argument("--concurrency", type=int, default=32, help="prompts searched at once")
+    p.add_argument("--max-new-tokens", type=positive, default=512, help="response budget per rollout")
+    p.add_argument("--concurrency", type=positive, default=32, help="prompts searched at once")
     args = p.parse_args(argv)
     problems = select_problems(args)
     target, draft = load_models(args)
@@ -208,7 +220,7 @@ def features(argv: Sequence[str]) -> int:
     add_pair_flags(p)
     p.add_argument("--labels", type=Path, action="append", required=True, help="label file (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="features file (.safetensors, with a .json beside it)")
-    p.add_argument("--group", type=int, default=8, help="records per forward")
+    p.add_argument("--group", type=positive, default=8, help="records per forward")
     args = p.parse_args(argv)
     for path in args.labels:
         if not path.is_file():
@@ -240,7 +252,7 @@ def fit(argv: Sequence[str]) -> int:
     p.add_argument("--out", type=Path, required=True, help="head directory (head.safetensors + head.json)")
     p.add_argument("--layout", choices=LAYOUTS, default="DT", help="DT: target only (no extra draft forward)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split by prompt")
-    p.add_argument("--max-iter", type=int, default=1000)
+    p.add_argument("--max-iter", type=positive, default=1000)
     p.add_argument("--default-recall", type=float, default=0.9)
     p.add_argument("--refit-all", action="store_true", help="refit on all prompts once C is chosen")
     p.add_argument(
@@ -319,8 +331,8 @@ def evaluate(argv: Sequence[str]) -> int:
         "--random-from", type=Path, help="random acceptance at the AutoJudge rates of this report (the pooled curve)"
     )
     p.add_argument("--windows", default="8,16,32", help="windows W to count cycles for")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--slots", type=int, default=48, help="sequences decoded at once")
+    p.add_argument("--max-new-tokens", type=positive, default=512)
+    p.add_argument("--slots", type=positive, default=48, help="sequences decoded at once")
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--fold", type=fold_arg, help="F/K: only the problems of fold F (the head fitted without it)")
     args = p.parse_args(argv)
@@ -477,7 +489,7 @@ def goals(argv: Sequence[str]) -> int:
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy points lost, at most")
     p.add_argument("--min-agreement", type=float, default=0.95, help="outcome agreement with the target, at least")
     p.add_argument("--speedup", type=float, default=1.3, help="x lossless tokens per cycle, the goal")
-    p.add_argument("--window", type=int, default=32, help="the window W whose tokens per cycle count")
+    p.add_argument("--window", type=positive, default=32, help="the window W whose tokens per cycle count")
     args = p.parse_args(argv)
     goal = Goal(args.max_drop, args.min_agreement, args.speedup, args.window)
     doc = json.loads(args.results.read_text())
@@ -537,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, MemoryError) as e:
         print(f"autojudge-train: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # what finished is in the output file already: the same command resumes from it
+        print(f"autojudge-train: {e}; what finished is kept and the same command resumes", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ from collections.abc import Iterator
 from typing import Protocol
 
 
+class Stopped(KeyboardInterrupt):
+    """A second signal: the work in flight is lost (a KeyboardInterrupt, so no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int, in_flight: str) -> None:
+        super().__init__(f"{signal.Signals(signum).name} again: stopped at once, the {in_flight} in flight are lost")
+        self.signum = signum
+
+
 class Drainable(Protocol):
     draining: bool
 
@@ -19,13 +27,13 @@ class Drainable(Protocol):
 @contextlib.contextmanager
 def drain_on_signal(job: Drainable, in_flight: str) -> Iterator[list[int]]:
     """The first SIGINT or SIGTERM drains `job` (what is in flight finishes and is written, nothing new starts); a
-    second one raises KeyboardInterrupt, losing `in_flight` (named in the message). Yields the signals caught."""
+    second one raises `Stopped`, losing `in_flight` (named in the message). Yields the signals caught."""
     caught: list[int] = []
 
     def handler(signum: int, _: object) -> None:
         caught.append(signum)
         if job.draining:
-            raise KeyboardInterrupt
+            raise Stopped(signum, in_flight)
         job.drain()
         # os.write, not print: the handler may interrupt a write to sys.stderr (a progress bar), and a buffered
         # stream refuses to be re-entered.

@@ -30,7 +30,7 @@ from engine.kv_cache import SlotKVCache
 from engine.model.decoder import Decoder
 from engine.runner import ModelRunner
 from training.data import Problem
-from training.jsonlines import read_complete
+from training.jsonlines import check_appendable, open_to_append, read_complete
 
 Outcome = Callable[[Problem, list[int]], str | None]  # (problem, generated token ids) -> task outcome
 log = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ def mine_to_file(
 
     `meta` (models, mining config) must equal that of the records already there: labels of two setups never mix.
     """
+    check_appendable(path, "mining")
     done, good = read_done(path)
     for r in done:
         if r["meta"] != meta:
@@ -283,10 +284,7 @@ def mine_to_file(
     todo = [(p, ids) for p, ids in problems if p.prompt_id not in seen]
     totals = {"prompts": 0.0, "labels": 0.0, "important": 0.0, "dropped": 0.0, "rollouts": 0.0}
     started = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "r+b" if path.exists() else "wb") as f:
-        f.truncate(good)
-        f.seek(good)
+    with open_to_append(path, good) as f:
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), unit="prompt", dynamic_ncols=True)
 
         def emit(record: dict[str, Any]) -> None:

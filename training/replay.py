@@ -173,6 +173,8 @@ class LockstepDecoder:
         slots: int,
         max_len: int,
     ) -> None:
+        if slots < 1:
+            raise ValueError(f"a lockstep decoder needs at least one slot, not {slots}")
         device = target.model.norm.weight.device
         self.target = ModelRunner(target, target.new_cache(slots, max_len + 2), device)
         self.draft = ModelRunner(draft, draft.new_cache(slots, max_len + 2), device)

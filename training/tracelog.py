@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from judge.io import pair_difference
-from training.jsonlines import read_complete
+from training.jsonlines import check_appendable, open_to_append, read_complete
 from training.replay import Job, LockstepDecoder, Trace
 
 
@@ -138,18 +138,17 @@ def decode_with_log(
     came from the log (told to `on_resume` before decoding starts; `on_done` hears of each batch that finishes).
     Each finished job is appended (and synced) as soon as it ends. A drained decoder leaves some jobs out: fewer
     traces than jobs come back, and the next run decodes the rest."""
-    if path.suffix == ".gz":
-        raise ValueError(f"{path}: a sweep appends to a plain traces.jsonl; gunzip the stored checkpoint first")
+    check_appendable(path, "a sweep")
+    stored = path.with_name(path.name + ".gz")
+    if stored.exists() and not path.exists():  # hours of decoding: never silently begun again
+        raise ValueError(f"{stored} is a stored checkpoint: `gunzip -k` it to resume the sweep, or remove it")
     done, good, adopt = read_log(path, meta)
     if adopt:
         good = _rewrite_setup(path, good, meta)
     todo = [job for job in jobs if job.job_id not in done]
     if on_resume is not None:
         on_resume(len(jobs) - len(todo))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "r+b" if path.exists() else "wb") as f:
-        f.truncate(good)
-        f.seek(good)
+    with open_to_append(path, good) as f:
         if good == 0:
             f.write((json.dumps({"meta": meta}) + "\n").encode())
 

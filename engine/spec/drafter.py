@@ -21,6 +21,7 @@ class DraftProposal:
     probs: torch.Tensor | None  # [B, W, V] draft distributions of sampled rows (zeros elsewhere)
     hidden: torch.Tensor | None  # [B, W, Dd] draft state after reading d_{i+1} (DD layout only)
     fed_end: list[int]  # draft cache length written by the drafting forwards
+    failed: frozenset[int] = frozenset()  # rows whose draft logits overflowed: they hold the tokens drafted before
 
 
 def catch_up_tokens(seq: Sequence) -> int:
@@ -61,6 +62,8 @@ class Drafter:
 
         `cut` is asked before the drafts and after each draft step: once it says yes, the `cuttable` rows (all by
         default) stop at the tokens they hold, so the verify comes sooner (a new request is waiting for the step).
+        A row whose draft logits are not finite stops too, at the tokens drawn before (`DraftProposal.failed`): an
+        argmax of NaN logits is no proposal, and a judge profile could accept it.
 
         NOTE: with `want_hidden`, a row of width w also feeds d_w at step w: its state is the DD feature of the
         last slot (method §5, one extra draft forward per cycle), and it advances the draft cache.
@@ -79,6 +82,7 @@ class Drafter:
             return True
 
         was_cut = clipped(0)
+        failed: set[int] = set()
         drafted: list[list[int]] = [[] for _ in seqs]
         fed = [s.draft_len for s in seqs]
         dev = self.runner.device
@@ -111,7 +115,9 @@ class Drafter:
                 hidden[rows, step - 1] = h_last
             producing = [a for a, b in enumerate(rows) if step < widths[b]]
             if producing:
-                self._choose(seqs, rows, producing, h_last, step, drafted, probs)
+                for b in self._choose(seqs, rows, producing, h_last, step, drafted, probs):
+                    failed.add(b)
+                    widths[b] = step  # fed no more: its cache holds the overflow, which the engine clears
                 was_cut = was_cut or clipped(step + 1)
         end = max(widths, default=0)  # a cut leaves the tensors wider than any window
         return DraftProposal(
@@ -119,6 +125,7 @@ class Drafter:
             probs=None if probs is None else probs[:, :end],
             hidden=None if hidden is None else hidden[:, :end],
             fed_end=fed,
+            failed=frozenset(failed),
         )
 
     def _choose(
@@ -130,23 +137,22 @@ class Drafter:
         step: int,
         drafted: list[list[int]],
         probs: torch.Tensor | None,  # [B, W, V]
-    ) -> None:
-        """Pick d_{step+1} for the producing rows: argmax, or a draw from the transformed distribution."""
+    ) -> list[int]:
+        """Pick d_{step+1} for the producing rows (argmax, or a draw from the transformed distribution); returns
+        the rows whose logits are not finite, which get no token."""
         logits = self.runner.logits(h_last[producing])  # [P, V]
         top = logits.max(-1)  # max propagates NaN: the argmax and the numerics check in one pass
         greedy_ids, finite = top.indices.tolist(), top.values.isfinite().tolist()
+        failed = []
         for p, a in enumerate(producing):
-            seq = seqs[rows[a]]
+            b, seq = rows[a], seqs[rows[a]]
             if not finite[p]:
-                seq.draft_failed = True  # the engine stops its drafting and clears its draft cache
-            if seq.request.sampling.greedy:
-                drafted[rows[a]].append(greedy_ids[p])
-                continue
-            assert probs is not None
-            if finite[p]:
+                failed.append(b)
+            elif seq.request.sampling.greedy:
+                drafted[b].append(greedy_ids[p])
+            else:
+                assert probs is not None
                 dist = probs_for_params(logits[p : p + 1], [seq.request.sampling])[0]  # [V]
-            else:  # the argmax as a point mass: still a valid draft distribution for the ratio test
-                dist = torch.zeros(logits.shape[-1], device=logits.device)
-                dist[greedy_ids[p]] = 1.0
-            probs[rows[a], step] = dist
-            drafted[rows[a]].append(sample(dist, seq.generator))
+                probs[b, step] = dist
+                drafted[b].append(sample(dist, seq.generator))
+        return failed
