@@ -164,6 +164,10 @@ def test_a_rollout_whose_numerics_fail_gives_no_label_and_mining_goes_on() -> No
     )
     assert set(got) == {p.prompt_id for p, _ in problems}
     assert got["poisoned"]["mismatches"] == [] and got["poisoned"]["target_outcome"] is None
+    assert "not finite" in got["poisoned"]["failed"]  # said apart from an answer that does not parse
+    failed = [r for r in got.values() if "failed" in r]
+    assert all(r["target_outcome"] is None and r["mismatches"] == [] for r in failed)
+    assert label_summary(list(got.values()))["failed"] == len(failed) < len(got)
     labelled = [m for r in got.values() for m in r["mismatches"]]
     assert labelled and all(m[3] != nan_token for m in labelled)
     # The search goes on past the failed swap: labels after the first position where the clean run swapped in it.

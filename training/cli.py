@@ -141,7 +141,8 @@ def mine(argv: Sequence[str]) -> int:
         f"mined {int(totals['prompts'])} prompts in {totals['seconds']:.0f} s: {int(totals['labels'])} labels, "
         f"{totals['important'] / max(totals['labels'], 1):.1%} important, "
         f"{totals['labels'] / max(hours, 1e-9):.0f} labels/hour, {int(totals['rollouts'])} target rollouts, "
-        f"{int(totals['dropped'])} prompts dropped (target answer did not parse) -> {args.out}",
+        f"{int(totals['dropped'])} prompts dropped (target answer did not parse, or for "
+        f"{int(totals['failed'])} of them its logits were not finite) -> {args.out}",
         file=sys.stderr,
     )
     if caught and totals["left"]:

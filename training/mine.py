@@ -58,6 +58,7 @@ class _Search:
     reference: list[int] = field(default_factory=list)  # prompt + the target's own response T
     left: int = 0
     target_outcome: str | None = None
+    failed: str | None = None  # why the reference rollout gave no outcome, when its numerics failed
     mismatches: list[list[int]] = field(default_factory=list)  # [position, important, current id, draft id]
     pred: list[int] = field(default_factory=list)
     draft_len: int = 0  # positions of `current` in the draft cache
@@ -138,7 +139,7 @@ class Miner:
                 continue
             if out.error is not None:  # greedy decoding would fail the same way on every resume
                 log.warning("rollout %s gives no label: %s", out.request_id, out.error)
-                self._drop_rollout(s)
+                self._drop_rollout(s, out.error)
                 done.append(s)
                 continue
             if s.pending is None:
@@ -151,12 +152,13 @@ class Miner:
         return done
 
     # --- the search ----------------------------------------------------------------------------------
-    def _drop_rollout(self, s: _Search) -> None:
+    def _drop_rollout(self, s: _Search, error: str) -> None:
         """A rollout whose numerics failed has no outcome: without a reference the search ends unlabelled (as
-        for an answer that does not parse); a swap's rollout leaves its mismatch unlabelled and the search
-        goes on past it."""
+        for an answer that does not parse, but the record says why); a swap's rollout leaves its mismatch
+        unlabelled and the search goes on past it."""
         if s.pending is None:
             s.reference, s.current, s.target_outcome = s.prompt + s.generated, s.prompt + s.generated, None
+            s.failed = error
             return
         s.left, s.pending = s.pending[0] + 1, None
 
@@ -226,7 +228,7 @@ class Miner:
             "target_outcome": s.target_outcome,
             "num_rollouts": s.rollouts,
             "seconds": round(time.perf_counter() - s.started, 3),
-        }
+        } | ({"failed": s.failed} if s.failed else {})
 
 
 LABEL_FIELDS = frozenset(
@@ -251,6 +253,7 @@ def label_summary(records: list[dict[str, Any]]) -> dict[str, float]:
     return {
         "prompts": len(records),
         "dropped": len(records) - len(parsed),
+        "failed": sum("failed" in r for r in records),  # of the dropped: the target's numerics, not its answer
         "labels": len(labels),
         "important": sum(m[1] for m in labels),
         "important_share": sum(m[1] for m in labels) / len(labels) if labels else 0.0,
@@ -282,7 +285,7 @@ def mine_to_file(
             )
     seen = {r["prompt_id"] for r in done}
     todo = [(p, ids) for p, ids in problems if p.prompt_id not in seen]
-    totals = {"prompts": 0.0, "labels": 0.0, "important": 0.0, "dropped": 0.0, "rollouts": 0.0}
+    totals = {"prompts": 0.0, "labels": 0.0, "important": 0.0, "dropped": 0.0, "failed": 0.0, "rollouts": 0.0}
     started = time.perf_counter()
     with open_to_append(path, good) as f:
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), unit="prompt", dynamic_ncols=True)
@@ -296,6 +299,7 @@ def mine_to_file(
             totals["labels"] += len(record["mismatches"])
             totals["important"] += sum(m[1] for m in record["mismatches"])
             totals["dropped"] += record["target_outcome"] is None
+            totals["failed"] += "failed" in record
             totals["rollouts"] += record["num_rollouts"]
             hours = (time.perf_counter() - started) / 3600
             bar.update(1)
