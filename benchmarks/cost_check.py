@@ -20,14 +20,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from argtypes import positive, positive_list
-
 from engine import Request, SamplingParams, build_engine
 from engine.build import LoadedEngine
 from engine.types import SpecParams, StepStats
 from server.profiles import ProfileTable
 from server.settings import load_settings
 from server.text import encode_chat
+from training.argtypes import positive, positive_list
 from training.data import load_problems
 
 

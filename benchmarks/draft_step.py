@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from argtypes import positive, positive_list
 
 from engine.model.assets import default_cache_dir, embedded_target_path
 from engine.model.loader import load_model
 from engine.model.quant import quantize_int8
 from engine.runner import ModelRunner
+from training.argtypes import positive, positive_list
 
 CPU = torch.device("cpu")
 

@@ -36,7 +36,6 @@ from typing import Any
 
 import httpx
 import torch
-from argtypes import positive, positive_list, unit_float
 
 from engine.build import profile_specs
 from engine.model.pair import PAIR_DTYPES, PAIRS
@@ -44,6 +43,7 @@ from loadtest.cli import run as run_load
 from loadtest.config import LoadConfig
 from server.settings import load_settings
 from server_bench import Server
+from training.argtypes import positive, positive_list, unit_float
 from training.data import DEFAULT_GSM8K_DIR, load_problems
 
 Json = dict[str, Any]

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from argtypes import positive, positive_list
 from step_cost import step_ms
 
 from engine.model.assets import default_cache_dir, fetch_qwen_pair
@@ -24,6 +23,7 @@ from engine.model.decoder import Decoder
 from engine.model.loader import eos_token_ids, load_model
 from engine.model.quant import quantize_int8
 from engine.runner import ModelRunner
+from training.argtypes import positive, positive_list
 from training.data import load_problems, prompt_token_ids
 
 CPU = torch.device("cpu")

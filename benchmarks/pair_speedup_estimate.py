@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from argtypes import positive_list
 
 from engine.config import ModelConfig
 from engine.model.decoder import Decoder
 from engine.spec.cost import StepCost
 from engine.spec.planner import Row, step_seconds
 from engine.spec.profiler import device_name, profile_step_cost
+from training.argtypes import positive_list
 
 SHAPES = Path(__file__).parent / "shapes"
 WINDOWS = (8, 16, 32)  # the windows an evaluation replays

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from argtypes import positive, positive_list
 
 from engine.model.assets import default_cache_dir
 from engine.model.decoder import Decoder
 from engine.model.pair import PAIRS, load_pair
 from engine.runner import ModelRunner
+from training.argtypes import positive, positive_list
 
 CPU = torch.device("cpu")
 

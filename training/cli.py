@@ -21,6 +21,7 @@ from engine.model.loader import LoadedModel, eos_token_ids, sha256_file, tokeniz
 from engine.model.pair import draft_name, load_pair
 from judge.features import LAYOUTS
 from judge.io import TENSORS, load_head, pair_difference, save_head
+from training.argtypes import count, positive
 from training.crossfit import (
     DEFAULT,
     PROBLEMS,
@@ -47,18 +48,6 @@ from training.tracelog import TRACES, decode_with_log, write_baselines
 from training.train_judge import FitConfig, fit_head
 
 ORACLE_VERSION = {"math": "gsm8k_cot_llama-strict-then-flexible/1", "code": "last-two-fences+check/1"}
-
-
-def count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
-    return int(text)
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
-    return int(text)
 
 
 def fold_arg(text: str) -> Fold:

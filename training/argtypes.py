@@ -1,8 +1,15 @@
-"""argparse types the benchmark scripts share: a bad count is a usage error naming the value, not a traceback."""
+"""argparse types the command lines share (training's and the benchmark scripts'): a bad count is a usage error
+naming the value, not a traceback."""
 
 from __future__ import annotations
 
 import argparse
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
+    return int(text)
 
 
 def positive(text: str) -> int:
