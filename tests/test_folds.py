@@ -123,3 +123,12 @@ def test_pooled_runs_must_share_their_setup_and_cover_distinct_folds() -> None:
         check_runs({"f0": base, "f1": {**base, "max_new_tokens": 512}})
     with pytest.raises(ValueError, match="two runs evaluate the same fold"):
         check_runs({"a": {**base, "fold": "0/5"}, "b": {**base, "fold": "0/5"}})
+
+
+def test_records_of_runs_older_than_the_failed_field_pool_as_not_failed() -> None:
+    old = [
+        {k: v for k, v in r.items() if k != "failed"}
+        for r in problem_records({Method("lossless"): [_result("t/0", True)]}, {})
+    ]
+    pooled = pool({"old": old})
+    assert [r.failed for r in pooled[Point("lossless", 0.0, "lossless")]] == [False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_engine, run_all
+from conftest import make_engine, overflowing, run_all
 from engine import Request, SamplingParams, SpecParams
 from engine.spec.judging import HeadJudge
 from judge.head import JudgeHead
@@ -160,3 +160,38 @@ def test_a_drain_between_the_loop_test_and_admission_ends_the_run(target, draft)
 def test_a_decoder_without_slots_is_refused(target, draft) -> None:
     with pytest.raises(ValueError, match="at least one slot"):  # it would wait for a free slot for ever
         LockstepDecoder(target, draft, None, eos_token_ids=(), slots=0, max_len=64)
+
+
+NAN_TOKEN = 5  # see `overflowing`: PROMPTS and the tiny models' outputs from them never hold it
+
+
+def test_a_run_whose_target_overflows_ends_failed_and_leaves_its_slot_clean(target, draft) -> None:
+    """One slot: the prompts after the failed one reuse its slot, whose NaN K/V would poison them if kept."""
+    methods = [Method("lossless"), Method("draft"), Method("topk", 3)]
+    clean = lockstep(target, draft, methods, slots=1)
+    assert all(NAN_TOKEN not in t.tokens and not t.failed for t in clean.values())
+    dec = LockstepDecoder(overflowing(target, NAN_TOKEN), draft, None, eos_token_ids=(), slots=1, max_len=64)
+    bad = [Job(f"{m.label}/bad", (8, NAN_TOKEN, 9), m, 30) for m in methods]
+    good = [Job(f"{m.label}/{i}", p, m, 30, seed=i) for m in methods for i, p in enumerate(PROMPTS)]
+    traces = {t.job.job_id: t for t in dec.run([*bad, *good])}
+    assert all(traces[j.job_id].failed and traces[j.job_id].tokens == [] for j in bad)
+    for job_id, want in clean.items():
+        got = traces[job_id]
+        assert not got.failed and (got.tokens, got.ok, got.mismatch) == (want.tokens, want.ok, want.mismatch)
+
+
+def test_a_row_whose_draft_overflows_is_the_targets_own_output_even_for_an_accept_all_rule(target, draft) -> None:
+    """As in the engine: the draft proposes nothing more, so no rule can keep a token read from NaN logits."""
+    prompt = (8, NAN_TOKEN, 9)
+    plain, _ = run_all(
+        make_engine(target, None), [Request("p", prompt, SamplingParams(max_tokens=30, ignore_eos=True))]
+    )
+    dec = LockstepDecoder(target, overflowing(draft, NAN_TOKEN), None, eos_token_ids=(), slots=1, max_len=64)
+    methods = [Method("lossless"), Method("draft"), Method("prob", 0.0)]
+    jobs = [Job(m.label, prompt, m, 30) for m in methods] + [Job("after", PROMPTS[0], Method("draft"), 30)]
+    traces = {t.job.job_id: t for t in dec.run(jobs)}
+    for m in methods:
+        tr = traces[m.label]
+        assert tr.tokens == plain["p"] and not tr.failed
+        assert not any(tr.ok) and not any(tr.mismatch)  # one target step per token, nothing drafted to judge
+    assert traces["after"].tokens == lockstep(target, draft, [Method("draft")], slots=1)["draft/0"].tokens

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import overflowing
 from training.cli import main
 from training.replay import Job, LockstepDecoder, Method, Trace
 from training.tracelog import decode_with_log, write_baselines
@@ -170,3 +171,13 @@ def test_the_baselines_command_reads_stored_folds_and_names_a_broken_file(
         (stored / "traces.jsonl.gz").write_bytes(packed[:at] + bytes([packed[at] ^ 0xFF]) + packed[at + 1 :])
         assert main(["baselines", str(stored), "--out", str(tmp_path / "d")]) == 2  # named, never a traceback
         assert "traces.jsonl.gz" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_logged_as_failed_and_read_back_so(target, draft, tmp_path: Path) -> None:
+    log = tmp_path / "traces.jsonl"
+    broken = overflowing(target, 5)  # the token's embedding is NaN: a prompt holding it overflows the target
+    failing = [Job(f"{m.label}|bad", (8, 5, 9), m, 20) for m in METHODS[:2]]
+    traces, _ = decode_with_log(decoder(broken, draft), [*failing, *jobs()], log, META)
+    assert [t.failed for t in traces[:2]] == [True, True] and not any(t.failed for t in traces[2:])
+    again, resumed = decode_with_log(decoder(broken, draft), [*failing, *jobs()], log, META)
+    assert resumed == len(traces) and [t.failed for t in again] == [t.failed for t in traces]

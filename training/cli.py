@@ -433,6 +433,12 @@ def evaluate(argv: Sequence[str]) -> int:
         + (f"; {resumed} runs read from {args.out / TRACES}" if resumed else ""),
         file=sys.stderr,
     )
+    failed = sum(r.failed for res in results.values() for r in res)
+    if failed:
+        print(
+            f"warning: {failed} runs ended where the target's logits stopped being finite (counted wrong)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -57,7 +57,7 @@ def _fields(r: ProblemResult) -> dict[str, Any]:
 
 def _result(record: dict[str, Any]) -> ProblemResult:
     names = [f.name for f in dataclasses.fields(ProblemResult)]
-    fields = {k: record[k] for k in names}
+    fields = {k: record[k] for k in names if k in record}  # `failed` is absent from older runs
     fields["cycles"] = {int(w): c for w, c in record["cycles"].items()}
     return ProblemResult(**fields)
 

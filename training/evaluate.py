@@ -29,6 +29,7 @@ class ProblemResult:
     cycles: dict[int, int]  # W -> cycles
     mismatches: int
     kept_mismatches: int
+    failed: bool = False  # the target's numerics failed: no answer, counted wrong
 
 
 class MethodPoint(Protocol):
@@ -78,17 +79,18 @@ def score_traces(
     for tr in traces:
         prompt_id = tr.job.job_id.split("|", 1)[1]
         problem = problems[prompt_id]
-        result = outcome(problem, tr.tokens)
+        result = None if tr.failed else outcome(problem, tr.tokens)
         kept = sum(ok and mm for ok, mm in zip(tr.ok, tr.mismatch, strict=True))
         out.setdefault(tr.job.method, []).append(
             ProblemResult(
                 prompt_id=prompt_id,
                 outcome=result,
-                correct=is_correct(problem, result),
+                correct=not tr.failed and is_correct(problem, result),
                 num_tokens=len(tr.tokens),
                 cycles={w: cycles_for_window(tr.ok, w) for w in windows},
                 mismatches=sum(tr.mismatch),
                 kept_mismatches=kept,
+                failed=tr.failed,
             )
         )
     return out
@@ -99,13 +101,13 @@ def summarise(
 ) -> list[dict[str, Any]]:
     """One row per method point; agreement and the accuracy drop are against the reference (lossless) run of
     the same problems."""
-    ref = {r.prompt_id: r.outcome for r in results[reference]}
+    ref = {r.prompt_id: (r.outcome, r.failed) for r in results[reference]}
     ref_correct = {r.prompt_id: r.correct for r in results[reference]}
     ref_speed = {w: _tokens_per_cycle(results[reference], w) for w in windows}
     rows = []
     for method, res in results.items():
         n = len(res)
-        agree = sum(r.outcome == ref[r.prompt_id] for r in res)
+        agree = sum((r.outcome, r.failed) == ref[r.prompt_id] for r in res)
         drop = paired_drop([r.correct for r in res], [ref_correct[r.prompt_id] for r in res])
         correct = sum(r.correct for r in res)
         tokens = sum(r.num_tokens for r in res)
@@ -126,6 +128,7 @@ def summarise(
             "accuracy_drop_hi": drop[2],
             "accepted_mismatch_fraction": sum(r.kept_mismatches for r in res) / mismatches if mismatches else 0.0,
             "tokens_per_problem": tokens / n,
+            "failed": sum(r.failed for r in res),
         }
         for w in windows:
             cycles = sum(r.cycles[w] for r in res)
@@ -171,6 +174,9 @@ def markdown_table(rows: list[dict[str, Any]], windows: tuple[int, ...]) -> str:
         cells.append(f"{r[f'speedup_w{windows[-1]}']:.2f}")
         cells.append(f"{r[f'target_forwards_per_token_w{windows[-1]}']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [f"{r['label']} {r['failed']}" for r in rows if r.get("failed")]
+    if failed:
+        lines += ["", "Runs whose target logits stopped being finite (no answer, counted wrong): " + ", ".join(failed)]
     return "\n".join(lines) + "\n"
 
 

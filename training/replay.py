@@ -64,6 +64,7 @@ class Trace:
     ok: list[bool] = field(default_factory=list)
     mismatch: list[bool] = field(default_factory=list)
     finished: bool = False
+    failed: bool = False  # the target's logits stopped being finite: the run ended there, with no answer
 
 
 def kl(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # [N, V], [N, V] -> [N]
@@ -150,13 +151,17 @@ class _Branch:
     mismatch: list[bool] = field(default_factory=list)
     slot: int = -1
     cached: int = 0  # positions of prompt + tokens held by both caches of `slot`
+    draft_failed: bool = False  # the draft's logits overflowed: it proposes nothing more (as in the engine)
+    failed: bool = False  # the target's logits overflowed: the branch ends without a token
 
     @property
     def seq(self) -> list[int]:
         return [*self.prompt, *self.tokens]
 
     def fork(self, jobs: list[int]) -> _Branch:
-        return _Branch(jobs, self.prompt, self.max_tokens, list(self.tokens), list(self.ok), list(self.mismatch))
+        child = _Branch(jobs, self.prompt, self.max_tokens, list(self.tokens), list(self.ok), list(self.mismatch))
+        child.draft_failed = self.draft_failed
+        return child
 
 
 class LockstepDecoder:
@@ -218,9 +223,9 @@ class LockstepDecoder:
             self._prefill([b for b in active if b.cached < len(b.prompt) + len(b.tokens) - 1])
             children = self._step(active, jobs, gens)
             for branch in [*active, *(c for _, c in children)]:
-                if branch.tokens[-1] in self.eos or len(branch.tokens) >= branch.max_tokens:
+                if branch.failed or branch.tokens[-1] in self.eos or len(branch.tokens) >= branch.max_tokens:
                     ended = [
-                        Trace(jobs[i], list(branch.tokens), list(branch.ok), list(branch.mismatch), True)
+                        Trace(jobs[i], list(branch.tokens), list(branch.ok), list(branch.mismatch), True, branch.failed)
                         for i in branch.jobs
                     ]
                     for i, tr in zip(branch.jobs, ended, strict=True):
@@ -268,17 +273,28 @@ class LockstepDecoder:
         self.row_steps += len(active)
         h_draft = self.draft.forward([[x[-1]] for x in seqs], [n - 1 for n in lens], slots)[:, 0]  # [B, Dd]
         g_logits = self.draft.logits(h_draft)  # [B, V]
-        d = g_logits.argmax(-1)  # [B]
+        d = g_logits.argmax(-1)  # [B]; argmax picks a NaN: a row with one reads as not finite below
         d_list = d.tolist()
         h_target = self.target.forward([[x[-1]] for x in seqs], [n - 1 for n in lens], slots)[:, 0]  # [B, Dt]
         q_logits = self.target.logits(h_target)  # [B, V]
-        t_list = q_logits.argmax(-1).tolist()
-        mm = [b for b in range(len(active)) if d_list[b] != t_list[b]]
+        t = q_logits.argmax(-1)  # [B]
+        t_list = t.tolist()
+        finite = [x.gather(-1, i[:, None])[:, 0].isfinite().tolist() for x, i in ((q_logits, t), (g_logits, d))]
+        self._fail_overflowed(active, *finite)
+        live = [b for b, branch in enumerate(active) if not branch.failed]
+        drafting = {b for b in live if not active[b].draft_failed}
+        mm = [b for b in live if b in drafting and d_list[b] != t_list[b]]
         decided = self._decide(active, jobs, gens, mm, d, q_logits, g_logits, lens) if mm else []
         keeps = dict(zip(mm, decided, strict=True))  # branch -> keep d, per job
         forks = []
-        for b, branch in enumerate(active):
+        for b in live:
+            branch = active[b]
             branch.cached = lens[b]
+            if b not in drafting:  # no proposal: the target's token, as a target-only step of the engine
+                branch.mismatch.append(False)
+                branch.tokens.append(t_list[b])
+                branch.ok.append(False)
+                continue
             branch.mismatch.append(d_list[b] != t_list[b])
             if d_list[b] == t_list[b]:
                 branch.tokens.append(d_list[b])
@@ -297,6 +313,18 @@ class LockstepDecoder:
             branch.tokens.append(t_list[b] if rejected else d_list[b])
             branch.ok.append(not rejected)
         return forks
+
+    def _fail_overflowed(self, active: list[_Branch], target_ok: list[bool], draft_ok: list[bool]) -> None:
+        """Mark the branches whose target (the run ends, failed) or draft (it drafts no more) gave non-finite
+        logits, and zero those caches of their slots: attention reads masked positions too, and a masked NaN would
+        poison whichever branch uses the slot next."""
+        for branch, t_ok, d_ok in zip(active, target_ok, draft_ok, strict=True):
+            if not t_ok:
+                branch.failed = True
+                self.target.cache.clear(branch.slot)
+            if not (t_ok and d_ok):  # a dead draft still runs in the batch: it may overflow again
+                branch.draft_failed = True
+                self.draft.cache.clear(branch.slot)
 
     def _decide(
         self,

@@ -159,7 +159,7 @@ def decode_with_log(
                     "tokens": tr.tokens,
                     "ok": "".join("1" if x else "0" for x in tr.ok),
                     "mismatch": "".join("1" if x else "0" for x in tr.mismatch),
-                }
+                } | ({"failed": True} if tr.failed else {})
                 f.write((json.dumps(record) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
@@ -173,5 +173,6 @@ def decode_with_log(
             traces.append(fresh[job.job_id])
         elif job.job_id in done:
             r = done[job.job_id]
-            traces.append(Trace(job, list(r["tokens"]), _flags(r["ok"]), _flags(r["mismatch"]), True))
+            flags = _flags(r["ok"]), _flags(r["mismatch"])
+            traces.append(Trace(job, list(r["tokens"]), *flags, True, bool(r.get("failed", False))))
     return traces, len(jobs) - len(todo)
