@@ -163,18 +163,25 @@ def test_a_decoder_without_slots_is_refused(target, draft) -> None:
 
 
 NAN_TOKEN = 5  # see `overflowing`: PROMPTS and the tiny models' outputs from them never hold it
+LONG = (*range(10, 50), NAN_TOKEN, 9)  # longer than any later sequence: none overwrites the positions it poisons
+
+
+def all_finite(dec: LockstepDecoder) -> bool:
+    return all(bool(x.isfinite().all()) for r in (dec.target, dec.draft) for x in (*r.cache.k, *r.cache.v))
 
 
 def test_a_run_whose_target_overflows_ends_failed_and_leaves_its_slot_clean(target, draft) -> None:
-    """One slot: the prompts after the failed one reuse its slot, whose NaN K/V would poison them if kept."""
+    """One slot: the prompts after the failed one reuse its slot, which must hold no NaN K/V once it is freed."""
     methods = [Method("lossless"), Method("draft"), Method("topk", 3)]
     clean = lockstep(target, draft, methods, slots=1)
     assert all(NAN_TOKEN not in t.tokens and not t.failed for t in clean.values())
-    dec = LockstepDecoder(overflowing(target, NAN_TOKEN), draft, None, eos_token_ids=(), slots=1, max_len=64)
-    bad = [Job(f"{m.label}/bad", (8, NAN_TOKEN, 9), m, 30) for m in methods]
+    dec = LockstepDecoder(overflowing(target, NAN_TOKEN), draft, None, eos_token_ids=(), slots=1, max_len=128)
+    bad = [Job(f"{m.label}/bad", LONG, m, 30) for m in methods]
     good = [Job(f"{m.label}/{i}", p, m, 30, seed=i) for m in methods for i, p in enumerate(PROMPTS)]
-    traces = {t.job.job_id: t for t in dec.run([*bad, *good])}
-    assert all(traces[j.job_id].failed and traces[j.job_id].tokens == [] for j in bad)
+    failed = dec.run(bad)
+    assert all(t.failed and t.tokens == [] for t in failed) and len(failed) == len(bad)
+    assert all_finite(dec)  # before any later branch zeroes what lies past its own length
+    traces = {t.job.job_id: t for t in dec.run(good)}
     for job_id, want in clean.items():
         got = traces[job_id]
         assert not got.failed and (got.tokens, got.ok, got.mismatch) == (want.tokens, want.ok, want.mismatch)
@@ -182,16 +189,38 @@ def test_a_run_whose_target_overflows_ends_failed_and_leaves_its_slot_clean(targ
 
 def test_a_row_whose_draft_overflows_is_the_targets_own_output_even_for_an_accept_all_rule(target, draft) -> None:
     """As in the engine: the draft proposes nothing more, so no rule can keep a token read from NaN logits."""
-    prompt = (8, NAN_TOKEN, 9)
-    plain, _ = run_all(
-        make_engine(target, None), [Request("p", prompt, SamplingParams(max_tokens=30, ignore_eos=True))]
-    )
-    dec = LockstepDecoder(target, overflowing(draft, NAN_TOKEN), None, eos_token_ids=(), slots=1, max_len=64)
+    plain, _ = run_all(make_engine(target, None), [Request("p", LONG, SamplingParams(max_tokens=30, ignore_eos=True))])
+    dec = LockstepDecoder(target, overflowing(draft, NAN_TOKEN), None, eos_token_ids=(), slots=1, max_len=128)
     methods = [Method("lossless"), Method("draft"), Method("prob", 0.0)]
-    jobs = [Job(m.label, prompt, m, 30) for m in methods] + [Job("after", PROMPTS[0], Method("draft"), 30)]
-    traces = {t.job.job_id: t for t in dec.run(jobs)}
+    traces = {t.job.job_id: t for t in dec.run([Job(m.label, LONG, m, 30) for m in methods])}
     for m in methods:
         tr = traces[m.label]
         assert tr.tokens == plain["p"] and not tr.failed
         assert not any(tr.ok) and not any(tr.mismatch)  # one target step per token, nothing drafted to judge
-    assert traces["after"].tokens == lockstep(target, draft, [Method("draft")], slots=1)["draft/0"].tokens
+    assert all_finite(dec)
+    (after,) = dec.run([Job("after", PROMPTS[0], Method("draft"), 30)])
+    assert after.tokens == lockstep(target, draft, [Method("draft")], slots=1)["draft/0"].tokens
+
+
+def test_a_branch_that_ends_right_after_the_judge_read_an_overflowing_draft_token_frees_a_clean_slot(
+    target, draft
+) -> None:
+    """The judge's read of d writes d's K/V one position past the branch's tokens; when the branch ends in that
+    step, no later step overwrites it, so a NaN there would reach the slot's next branch."""
+    for prompt in PROMPTS:  # d at the first mismatch (the plain draft emits it), if no earlier token is d
+        drafted = lockstep(target, draft, [Method("draft")], slots=1)[f"draft/{PROMPTS.index(prompt)}"]
+        k = drafted.mismatch.index(True)
+        x, kept = drafted.tokens[k], lockstep(target, draft, [Method("lossless")], max_tokens=k + 1, slots=1)
+        if x not in prompt and x not in kept[f"lossless/{PROMPTS.index(prompt)}"].tokens:
+            break
+    else:
+        pytest.fail("no prompt whose first drafted mismatch token is new")
+    zeros = torch.zeros(32, dtype=torch.float64)
+    rejects_all = JudgeHead(
+        "DT", zeros, torch.ones(32, dtype=torch.float64), zeros, 20.0, torch.linspace(0, 1, 26), 0.5
+    )
+    dec = LockstepDecoder(overflowing(target, x), draft, rejects_all, eos_token_ids=(), slots=1, max_len=64)
+    (tr,) = dec.run([Job("j", prompt, Method("autojudge", 0.5), k + 1)])
+    assert tr.tokens == kept[f"lossless/{PROMPTS.index(prompt)}"].tokens and not tr.failed
+    assert tr.mismatch[-1]  # the judge read x in the branch's last step
+    assert all_finite(dec)

@@ -250,6 +250,10 @@ class LockstepDecoder:
             for branch in [b for b in active if not b.jobs]:
                 active.remove(branch)
                 if branch.slot >= 0:
+                    # The judge's read of d may have written (even NaN) past what the branch kept: masked
+                    # positions still reach attention, so the next branch in the slot must not find them.
+                    for runner in (self.target, self.draft):
+                        runner.cache.clear(branch.slot, branch.cached)
                     free.append(branch.slot)
         return [t for t in traces if t is not None]
 
