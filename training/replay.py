@@ -159,9 +159,7 @@ class _Branch:
         return [*self.prompt, *self.tokens]
 
     def fork(self, jobs: list[int]) -> _Branch:
-        child = _Branch(jobs, self.prompt, self.max_tokens, list(self.tokens), list(self.ok), list(self.mismatch))
-        child.draft_failed = self.draft_failed
-        return child
+        return _Branch(jobs, self.prompt, self.max_tokens, list(self.tokens), list(self.ok), list(self.mismatch))
 
 
 class LockstepDecoder:
@@ -250,10 +248,11 @@ class LockstepDecoder:
             for branch in [b for b in active if not b.jobs]:
                 active.remove(branch)
                 if branch.slot >= 0:
-                    # The judge's read of d may have written (even NaN) past what the branch kept: masked
-                    # positions still reach attention, so the next branch in the slot must not find them.
+                    # Masked positions still reach attention, so the next branch in the slot must find no NaN:
+                    # the whole slot after an overflow, else what the judge's read of d wrote past the tokens.
+                    start = 0 if branch.failed or branch.draft_failed else branch.cached
                     for runner in (self.target, self.draft):
-                        runner.cache.clear(branch.slot, branch.cached)
+                        runner.cache.clear(branch.slot, start)
                     free.append(branch.slot)
         return [t for t in traces if t is not None]
 
@@ -284,7 +283,9 @@ class LockstepDecoder:
         t = q_logits.argmax(-1)  # [B]
         t_list = t.tolist()
         finite = [x.gather(-1, i[:, None])[:, 0].isfinite().tolist() for x, i in ((q_logits, t), (g_logits, d))]
-        self._fail_overflowed(active, *finite)
+        for branch, t_ok, d_ok in zip(active, *finite, strict=True):  # a NaN stays in its own row's slot
+            branch.failed |= not t_ok
+            branch.draft_failed |= not d_ok
         live = [b for b, branch in enumerate(active) if not branch.failed]
         drafting = {b for b in live if not active[b].draft_failed}
         mm = [b for b in live if b in drafting and d_list[b] != t_list[b]]
@@ -317,18 +318,6 @@ class LockstepDecoder:
             branch.tokens.append(t_list[b] if rejected else d_list[b])
             branch.ok.append(not rejected)
         return forks
-
-    def _fail_overflowed(self, active: list[_Branch], target_ok: list[bool], draft_ok: list[bool]) -> None:
-        """Mark the branches whose target (the run ends, failed) or draft (it drafts no more) gave non-finite
-        logits, and zero those caches of their slots: attention reads masked positions too, and a masked NaN would
-        poison whichever branch uses the slot next."""
-        for branch, t_ok, d_ok in zip(active, target_ok, draft_ok, strict=True):
-            if not t_ok:
-                branch.failed = True
-                self.target.cache.clear(branch.slot)
-            if not (t_ok and d_ok):  # a dead draft still runs in the batch: it may overflow again
-                branch.draft_failed = True
-                self.draft.cache.clear(branch.slot)
 
     def _decide(
         self,
